@@ -1,0 +1,19 @@
+"""Spec of the accelerated-MoE plugin (import-light)."""
+
+from fmsaccel_framework import ConfigKey, PluginSpec
+
+MOE = PluginSpec(
+    name="accelerated-moe",
+    description="ScatterMoE-style Triton expert kernels, expert parallelism, LoRA and 4-bit on experts",
+    paths={
+        "training.moe.scattermoe": {
+            "ep_degree": ConfigKey(int, default=1, help="expert-parallel degree (ranks sharing the experts)"),
+            "disable_distributed": ConfigKey(bool, default=False, help="keep all experts on every rank"),
+        }
+    },
+    factory="fmsaccel_moe.plugin:build",
+    order=40,
+    requires=("triton",),
+    extra="moe",
+    architectures=("mixtral", "granitemoe", "granitemoeshared", "granitemoehybrid", "qwen2_moe", "qwen3_moe"),
+)

@@ -1,0 +1,1 @@
+"""fmsaccel plugin package."""

@@ -1,0 +1,22 @@
+"""Spec of the attention-and-distributed-packing ("aadp") plugin (import-light)."""
+
+from fmsaccel_framework import ConfigKey, PluginSpec
+
+AADP = PluginSpec(
+    name="attention-and-distributed-packing",
+    description="padding-free attention (flash-attn, torch varlen, flex or masked) and multipack batching",
+    paths={
+        "training.attention.padding_free": {
+            "method": ConfigKey(str, default="huggingface", choices=("huggingface",), help="padding-free method"),
+            "backend": ConfigKey(str, default="auto", choices=("auto", "flash_attn", "varlen", "flex", "sdpa_masked"),
+                                 help="attention kernel; auto picks the fastest that runs here"),
+        },
+        "training.dataloader.multipack": {
+            "num_processes": ConfigKey(int, default=16, help="processes used to compute lengths"),
+        },
+    },
+    factory="fmsaccel_aadp.plugin:build",
+    order=30,
+    requires=(),
+    extra="padding-free",
+)

@@ -1,0 +1,28 @@
+"""Spec of the fused-ops-and-kernels ("foak") plugin (import-light)."""
+
+from fmsaccel_framework import ConfigKey, PluginSpec
+
+_KEYS = {
+    "base_layer": ConfigKey((str, type(None)), default=None, choices=("auto_gptq", "bitsandbytes", None),
+                            help="quantised base layer the fused LoRA dequantises; null for bf16 LoRA / full FT"),
+    "fused_lora": ConfigKey(bool, default=False, help="fused base+LoRA autograd for attention and MLP"),
+    "fast_loss": ConfigKey((bool, str), default=False, choices=(True, False, "fused_ce_liger"),
+                           help="true: Triton cross-entropy; fused_ce_liger: chunked linear+CE, no full logits"),
+    "fast_rms_layernorm": ConfigKey(bool, default=False, help="Triton RMSNorm"),
+    "fast_rope_embeddings": ConfigKey(bool, default=False, help="Triton RoPE with position_ids"),
+    "fast_swiglu": ConfigKey(bool, default=False, help="Triton SwiGLU in the MLP"),
+}
+
+FOAK = PluginSpec(
+    name="fused-ops-and-kernels",
+    description="fused LoRA, fused linear cross-entropy, RMSNorm, RoPE, SwiGLU Triton kernels",
+    paths={
+        "peft.quantization.fused_ops_and_kernels": _KEYS,
+        "training.fused_ops_and_kernels": _KEYS,
+    },
+    factory="fmsaccel_foak.plugin:build",
+    order=20,
+    requires=("triton",),
+    extra="kernels",
+    architectures=("llama", "mistral", "mixtral", "qwen2", "qwen3", "granite"),
+)
