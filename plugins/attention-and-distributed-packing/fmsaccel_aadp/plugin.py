@@ -1,0 +1,137 @@
+"""The attention-and-distributed-packing plugin: padding-free attention and multipack batching.
+
+- ``augment``: registers the padding-free attention for the chosen backend with
+  transformers' ``AttentionInterface`` and switches the model to it (no model code is
+  patched); records the backend in the report and ``ctx.extras["padding_free"]``.
+- ``data_collator``: the padding-free collator (one ``[1, T]`` row per batch).
+- ``prepare_trainer``: with multipack, the trainer's train dataloader draws token-balanced
+  batches from :class:`~fmsaccel_aadp.multipack.MultipackBatchSampler`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
+
+from .attention import register_attention, resolve_backend
+from .collator import PaddingFreeCollator
+from .multipack import MultipackBatchSampler
+
+PADDING_FREE = "training.attention.padding_free"
+MULTIPACK = "training.dataloader.multipack"
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _count_attention_layers(model) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+def example_lengths(dataset, num_processes: int = 1) -> list[int]:
+    """Token count of every example, from its ``input_ids`` (in parallel for big ``datasets``)."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        datasets = None
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
+        # worker processes only pay off on big datasets
+        num_proc = min(num_processes, os.cpu_count() or 1, len(dataset) // 50_000) or None
+        counted = dataset.map(lambda batch: {"_fmsaccel_len": [len(x) for x in batch["input_ids"]]},
+                              batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
+                              desc="multipack: counting tokens" if num_proc else None)
+        return [int(n) for n in counted["_fmsaccel_len"]]
+    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def install_multipack(trainer, token_budget: int, num_processes: int = 1) -> None:
+    """Make ``trainer.get_train_dataloader`` use token-balanced multipack batches.
+
+    The loader is still prepared by accelerate (device placement, epoch seeding, gradient
+    accumulation bookkeeping), but the sampler already gives each rank its own batches,
+    so accelerate's batch-sampler sharding is made a pass-through, exactly as transformers
+    does for its own rank-aware ``BatchRebalanceSampler``.
+    """
+    from torch.utils.data import DataLoader
+
+    def get_train_dataloader():
+        dataset = trainer.train_dataset
+        if dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        if trainer.args.remove_unused_columns and hasattr(trainer, "_remove_unused_columns"):
+            dataset = trainer._remove_unused_columns(dataset, description="Training")
+        sampler = MultipackBatchSampler(
+            example_lengths(dataset, num_processes), token_budget,
+            num_replicas=trainer.args.world_size, rank=trainer.args.process_index, seed=trainer.args.seed,
+        )
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainer.data_collator,
+                            num_workers=trainer.args.dataloader_num_workers,
+                            pin_memory=trainer.args.dataloader_pin_memory)
+        prepared = trainer.accelerator.prepare(loader)
+        shard = getattr(prepared, "batch_sampler", None)
+        if shard is not sampler:
+            if getattr(shard, "batch_sampler", None) is not sampler:
+                raise PluginError(f"multipack: accelerate wrapped the batch sampler unexpectedly ({type(shard)})")
+            shard.num_processes, shard.process_index = 1, 0
+        trainer.multipack_sampler = sampler
+        return prepared
+
+    trainer.get_train_dataloader = get_train_dataloader
+
+
+class AttentionAndPackingPlugin(AccelerationPlugin):
+    """Padding-free attention (any of four backends) and optional multipack batching."""
+
+    @property
+    def padding_free(self) -> dict[str, Any] | None:
+        return self.config.get(PADDING_FREE)
+
+    @property
+    def multipack(self) -> dict[str, Any] | None:
+        return self.config.get(MULTIPACK)
+
+    def augment(self, model, ctx: TrainContext):
+        if self.padding_free is None:
+            return model
+        requested = self.padding_free.get("backend", "auto")
+        try:
+            backend, why = resolve_backend(requested, dtype=ctx.torch_dtype)
+        except RuntimeError as e:
+            raise PluginError(str(e)) from e
+        name = register_attention(backend, strict=requested != "auto")
+        base = _base_model(model)
+        base.set_attn_implementation(name)
+        if base.config._attn_implementation != name:
+            raise PluginError(f"{type(base).__name__} did not accept attention implementation '{name}' (it must use "
+                              "transformers' AttentionInterface)")
+        ctx.report.add(self.name, f"attention -> padding-free {backend}", _count_attention_layers(base))
+        ctx.report.note(self.name, f"padding-free attention backend: {backend} [{why}]")
+        ctx.extras["padding_free"] = True
+        ctx.extras["padding_free_backend"] = backend
+        return model
+
+    def data_collator(self, ctx: TrainContext):
+        return PaddingFreeCollator() if self.padding_free is not None else None
+
+    def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
+        if self.multipack is None:
+            return
+        max_len = ctx.args.get("max_seq_length") or getattr(trainer.args, "max_length", None)
+        if not max_len:
+            raise PluginError("multipack needs max_seq_length to size its token budget")
+        budget = int(trainer.args.per_device_train_batch_size) * int(max_len)
+        install_multipack(trainer, budget, int(self.multipack.get("num_processes", 1)))
+        ctx.report.note(self.name, f"multipack batches: at most {budget} tokens per rank and step "
+                                   f"(per_device_train_batch_size x max_seq_length)")
+
+
+def build(spec, config: dict[str, dict[str, Any]]) -> AttentionAndPackingPlugin:
+    if MULTIPACK in config and PADDING_FREE not in config:
+        # a token budget bounds real tokens; padded to the longest example a batch could be far bigger
+        raise PluginError("multipack needs padding-free attention: add plugins.training.attention.padding_free")
+    return AttentionAndPackingPlugin(spec, config)
