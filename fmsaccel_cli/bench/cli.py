@@ -1,0 +1,177 @@
+"""``fmsaccel bench`` (run a scenarios matrix) and ``fmsaccel bench report`` (tables, regressions, charts).
+
+Mounted by the main app with ``app.add_typer(bench_app, name="bench")``. Nothing heavy is imported here:
+cells run as separate ``fmsaccel run`` processes, and matplotlib is imported only when charts are asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+
+from .matrix import BenchError, expand, load_defaults, load_scenarios
+
+bench_app = typer.Typer(
+    help="Benchmark recipes: run a scenarios matrix (each cell its own `fmsaccel run`) and report on the results.",
+    no_args_is_help=False,
+    rich_markup_mode=None,
+)
+console = Console()
+
+LIST_HELP = "Comma- or space-separated, or repeat the option."
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """``["4,8", "16"]`` or ``["4 8"]`` -> ``["4", "8", "16"]``: typer has no multi-value options."""
+    return [item for value in values or [] for item in value.replace(",", " ").split()]
+
+
+def _ints(values: list[str] | None, option: str, default: list[int]) -> list[int]:
+    items = _split(values)
+    try:
+        return [int(v) for v in items] if items else default
+    except ValueError:
+        raise BenchError(f"{option}: expected integers, got {' '.join(items)}") from None
+
+
+def _overrides(sets: list[str] | None, data: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    if data is not None:
+        out["training_data_path"] = data
+    return out
+
+
+def _fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {error}", highlight=False)
+    return typer.Exit(2)
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    matrix: Path = typer.Option(Path("benchmarks/scenarios.yaml"), "--matrix", help="Scenarios file (seed schema)."),
+    defaults: Path | None = typer.Option(
+        None, "--defaults", help="Defaults file (seed format). Default: defaults.yaml beside the matrix file, if any."
+    ),
+    effective_batch_size: list[str] | None = typer.Option(
+        None, "--effective-batch-size", help=f"Effective batch sizes [default: 4 8]. {LIST_HELP}"
+    ),
+    num_gpus: list[str] | None = typer.Option(None, "--num-gpus", help=f"GPU counts [default: 1]. {LIST_HELP}"),
+    run_only_scenarios: list[str] | None = typer.Option(
+        None, "--run-only-scenarios", help=f"Only these scenarios (slow ones run only when named). {LIST_HELP}"
+    ),
+    recipes: list[str] | None = typer.Option(
+        None, "--recipes", help=f"Only cells of these recipes / framework configs ('none': no plugin). {LIST_HELP}"
+    ),
+    models: list[str] | None = typer.Option(
+        None, "--models", help=f"Replace every scenario's model list with these. {LIST_HELP}"
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="Training data for every cell: workload:P, workload:R, or a local dataset path."
+    ),
+    sets: list[str] | None = typer.Option(
+        None, "--set", help="Override an argument in every cell, key=value (YAML value); repeatable."
+    ),
+    out: Path = typer.Option(Path("benchmark_results"), "--out", help="Results folder."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds before a cell is stopped and recorded."),
+    resume: bool = typer.Option(False, "--resume", help="Continue --out, skipping cells already recorded."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: run failed cells again."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded cells and their count; run nothing."),
+) -> None:
+    """Run every cell of a scenarios matrix: scenario x framework config x model x batch size x GPU count."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .runner import default_run_prefix, run_matrix
+
+    try:
+        if defaults is None and (matrix.parent / "defaults.yaml").exists() and matrix.name != "defaults.yaml":
+            defaults = matrix.parent / "defaults.yaml"
+        cells = expand(
+            load_scenarios(matrix),
+            load_defaults(defaults),
+            effective_batch_sizes=_ints(effective_batch_size, "--effective-batch-size", [4, 8]),
+            num_gpus=_ints(num_gpus, "--num-gpus", [1]),
+            run_only_scenarios=_split(run_only_scenarios) or None,
+            recipes=_split(recipes) or None,
+            models=_split(models) or None,
+            overrides=_overrides(sets, data),
+        )
+        if not cells:
+            raise BenchError("the filters leave no cell to run (slow scenarios run only when named)")
+        if dry_run:
+            _print_cells(cells, default_run_prefix(), out)
+            return
+        summary = run_matrix(cells, out, timeout_s=timeout, resume=resume, retry_failed=retry_failed,
+                             console=console)
+    except BenchError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/yellow]: finished cells are in {out}; continue with --resume")
+        raise typer.Exit(130) from None
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.statuses.items())) or "nothing to run"
+    console.print(f"bench: {summary.ran} cell(s) run ({counts}), {summary.skipped} already recorded; "
+                  f"results in {out / 'results.csv'}; see: fmsaccel bench report {out}", highlight=False)
+
+
+def _print_cells(cells, run_prefix: list[str], out: Path) -> None:
+    import shlex
+
+    from rich.table import Table
+
+    from .runner import CELLS_DIR
+
+    table = Table(title="benchmark cells", title_justify="left")
+    for name in ("#", "scenario", "recipe", "model", "data", "gpus", "eff. batch", "batch/dev"):
+        table.add_column(name, overflow="fold")
+    for i, c in enumerate(cells, 1):
+        table.add_row(str(i), c.scenario, c.recipe, c.model_name_or_path, c.training_data_path or "-",
+                      str(c.num_gpus), str(c.effective_batch_size), str(c.per_device_train_batch_size))
+    console.print(table)
+    first = cells[0].command(run_prefix, out / CELLS_DIR / cells[0].dir_name)
+    console.print(f"first cell's command: {shlex.join(first)}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"{len(cells)} cells", highlight=False)
+
+
+@bench_app.command("report")
+def report(
+    results: Path = typer.Argument(..., help="A bench --out folder, results.jsonl, or a CSV (the seed's refs too)."),
+    vs: Path | None = typer.Option(None, "--vs", help="Reference results (e.g. a seed refs/*.csv) to compare with."),
+    tolerance: float = typer.Option(0.1, "--tolerance", help="Relative change that counts as moved (0.1 = 10%)."),
+    fail_on_regression: bool = typer.Option(False, "--fail-on-regression", help="Exit 1 if any cell regressed."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write PNG charts (tokens/s, peak memory) to this folder."),
+) -> None:
+    """Table of results and ratios to baseline-peft-bnb; regressions against a reference; charts."""
+    from . import report as rep
+
+    try:
+        rows = rep.read_results(results)
+        reference = rep.read_results(vs) if vs is not None else None
+    except BenchError as e:
+        raise _fail(e) from None
+    console.print(rep.results_table(rows, title=f"{results} ({len(rows)} cells)"))
+    regressions = 0
+    if reference is not None:
+        changes, unmatched = rep.compare(rows, reference, tolerance)
+        regressions = sum(c.regression for c in changes)
+        if changes:
+            console.print(rep.changes_table(changes, tolerance, with_data=rep.uses_data(rows, reference)))
+        console.print(f"against {vs}: {regressions} regression(s), {len(changes) - regressions} improvement(s) "
+                      f"beyond {tolerance:.0%}; {len(rows) - unmatched} cell(s) matched, {unmatched} without a "
+                      "reference cell", highlight=False)
+    if plot is not None:
+        for path in rep.write_plots(rows, plot):
+            console.print(f"wrote {path}", highlight=False)
+    if fail_on_regression and regressions:
+        raise typer.Exit(1)

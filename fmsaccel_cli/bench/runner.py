@@ -1,0 +1,370 @@
+"""Run benchmark cells, each as its own ``fmsaccel run`` process, and record one row per cell as it ends.
+
+A failed cell (out of memory, timeout, crash) is a row too, with its error kind and the last lines of its output,
+and the matrix goes on. After every cell the whole results set is rewritten atomically (temp file + rename) as
+``results.jsonl`` (raw rows, nested fields kept) and ``results.csv`` (the seed's column names), so killing the bench
+loses nothing finished and never leaves a torn file; ``--resume`` skips the cells already recorded.
+
+Each cell's process gets its own process group, so a timeout or Ctrl-C ends torchrun and all its workers; on Linux
+it is also told to terminate if the bench itself dies (even from SIGKILL), so no orphan keeps holding a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import os
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .matrix import NO_PLUGIN, BenchError, Cell
+
+RUN_CMD_ENV = "FMSACCEL_BENCH_RUN_CMD"
+PROGRESS_TAG = "FMSACCEL_PROGRESS"
+RESULTS_JSONL = "results.jsonl"
+RESULTS_CSV = "results.csv"
+CELLS_DIR = "cells"
+TAIL_LINES = 30
+KILL_GRACE_S = 15.0
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
+
+# Leading CSV columns, in the seed's reference-CSV names; anything else follows alphabetically.
+CSV_COLUMNS = [
+    "scenario", "framework_config", "recipe", "peft_method", "model_name_or_path", "training_data_path",
+    "num_gpus", "effective_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "torch_dtype", "learning_rate", "max_steps",
+    "status", "train_loss", "final_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+    "train_tokens_per_second", "train_tokens_per_second_total", "train_tokens_per_second_vs_baseline",
+    "mem_peak_torch_mem_alloc_in_bytes", "mem_peak_torch_mem_alloc_in_bytes_vs_baseline",
+    "mem_torch_mem_alloc_in_bytes", "mem_nvidia_mem_reserved", "gpu_device_name",
+]
+METRIC_KEYS = (
+    "train_loss", "final_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+    "train_tokens_per_second", "train_tokens_per_second_total", "mem_peak_torch_mem_alloc_in_bytes",
+    "mem_torch_mem_alloc_in_bytes", "mem_nvidia_mem_reserved",
+)
+CSV_OMITTED = ("losses", "patch_report", "args", "command")  # kept in the JSONL only
+
+
+def default_run_prefix() -> list[str]:
+    """How to start ``fmsaccel run``: ``$FMSACCEL_BENCH_RUN_CMD`` (tests point it at a fake), else the installed
+    ``fmsaccel`` script beside this Python, else the CLI module through this Python."""
+    if os.environ.get(RUN_CMD_ENV):
+        return shlex.split(os.environ[RUN_CMD_ENV])
+    script = Path(sys.executable).with_name("fmsaccel")
+    if script.exists():
+        return [str(script), "run"]
+    if shutil.which("fmsaccel"):
+        return [shutil.which("fmsaccel"), "run"]
+    return [sys.executable, "-c", "from fmsaccel_cli.main import app; app()", "run"]
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+
+
+@dataclass
+class CellOutcome:
+    status: str  # ok | oom | timeout | crash
+    returncode: int | None
+    elapsed_s: float
+    tail: list[str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _classify(returncode: int | None, timed_out: bool, saw_oom: bool, has_metrics: bool) -> str:
+    if timed_out:
+        return "timeout"
+    if saw_oom:
+        return "oom"
+    return "ok" if returncode == 0 and has_metrics else "crash"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when the bench dies (torchrun forwards it to workers)."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the cell's process group, then SIGKILL whatever is left after ``grace_s``."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_cell(
+    command: list[str],
+    cell_dir: Path,
+    timeout_s: float,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    kill_grace_s: float = KILL_GRACE_S,
+) -> CellOutcome:
+    """Run one cell, teeing its output to ``cell_dir/output.log``; classify how it ended."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / "command.sh").write_text(shlex.join(command) + "\n")
+    metrics_path = cell_dir / "metrics.json"
+    metrics_path.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not count as success
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    saw_oom = timed_out = False
+    start = time.monotonic()
+    linux = sys.platform.startswith("linux")
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        errors="replace", bufsize=1, process_group=0, preexec_fn=_die_with_parent if linux else None,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        with open(cell_dir / "output.log", "w") as log:
+            while True:
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    if time.monotonic() - start > timeout_s:
+                        timed_out = True
+                        log.write(f"\n[fmsaccel bench] timeout after {timeout_s:g} s: stopping the cell\n")
+                        tail.append(f"[fmsaccel bench] timeout after {timeout_s:g} s")
+                        _stop_group(proc, kill_grace_s)
+                        break
+                    continue
+                if line is None:
+                    break
+                log.write(line)
+                log.flush()
+                text = line.rstrip("\n")
+                if text.startswith(PROGRESS_TAG):
+                    if on_progress is not None:
+                        try:
+                            on_progress(json.loads(text[len(PROGRESS_TAG) :]))
+                        except json.JSONDecodeError:
+                            pass
+                    continue
+                tail.append(text)
+                if any(marker in text for marker in OOM_MARKERS):
+                    saw_oom = True
+    except BaseException:
+        _stop_group(proc, kill_grace_s)  # Ctrl-C / SIGTERM of the bench: end the cell, record nothing
+        raise
+    returncode = proc.wait()
+    reader.join(timeout=5)
+    metrics: dict[str, Any] = {}
+    if metrics_path.exists():
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as e:
+            tail.append(f"[fmsaccel bench] unreadable metrics.json: {e}")
+    elif returncode == 0 and not timed_out:
+        tail.append(f"[fmsaccel bench] the run exited 0 but wrote no {metrics_path}")
+    status = _classify(returncode, timed_out, saw_oom, bool(metrics))
+    return CellOutcome(status, None if timed_out else returncode, time.monotonic() - start, list(tail), metrics)
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def cell_row(cell: Cell, outcome: CellOutcome, cell_dir: Path, command: list[str]) -> dict[str, Any]:
+    """One results row: the cell's coordinates and arguments, then (resolved args and) metrics when it ran."""
+    row: dict[str, Any] = {
+        "cell_id": cell.cell_id,
+        "scenario": cell.scenario,
+        "framework_config": cell.framework_config or NO_PLUGIN,
+        "recipe": cell.recipe,
+        "num_gpus": cell.num_gpus,
+        "effective_batch_size": cell.effective_batch_size,
+    }
+    resolved = outcome.metrics.get("args")
+    if isinstance(resolved, dict):  # what the run resolved (recipe arguments too); what the cell asked for wins
+        row.update({k: v for k, v in resolved.items() if k != "output_dir"})
+    row.update(cell.arguments)
+    row.update({k: outcome.metrics[k] for k in METRIC_KEYS if k in outcome.metrics})
+    for key in ("losses", "patch_report", "plugins", "args"):
+        if key in outcome.metrics:
+            row[key] = outcome.metrics[key]
+    if "gpu" in outcome.metrics:
+        row["gpu_device_name"] = outcome.metrics["gpu"]
+    for name, version in (outcome.metrics.get("versions") or {}).items():
+        row[f"version_{name}"] = version
+    row.update({
+        "status": outcome.status,
+        "returncode": outcome.returncode,
+        "elapsed_s": round(outcome.elapsed_s, 2),
+        "error_messages": "" if outcome.status == "ok" else "\n".join(outcome.tail),
+        "cell_dir": str(cell_dir),
+        "command": command,
+    })
+    return row
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)  # the seed writes target_modules space-separated
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite results.jsonl and results.csv (with the ratios to the baseline) atomically."""
+    from .report import add_baseline_ratios
+
+    rows = add_baseline_ratios(rows)
+    _atomic_write(out_dir / RESULTS_JSONL, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    keys = {k for r in rows for k in r if k not in CSV_OMITTED}
+    columns = [c for c in CSV_COLUMNS if c in keys] + sorted(keys - set(CSV_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _csv_cell(r.get(k)) for k in columns})
+    _atomic_write(out_dir / RESULTS_CSV, buf.getvalue())
+
+
+def read_recorded(out_dir: Path) -> list[dict[str, Any]]:
+    """Rows already in ``results.jsonl`` (the file is only ever replaced whole, so every line is complete)."""
+    path = out_dir / RESULTS_JSONL
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- the matrix
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """SIGTERM to the bench: handled like Ctrl-C (the running cell is stopped and not recorded)."""
+
+
+def _raise_interrupted(signum, frame):
+    raise BenchInterrupted(f"signal {signum}")
+
+
+@dataclass
+class BenchSummary:
+    ran: int
+    skipped: int
+    statuses: dict[str, int]
+    out_dir: Path
+
+
+def run_matrix(
+    cells: list[Cell],
+    out_dir: str | Path,
+    timeout_s: float = 3600.0,
+    resume: bool = False,
+    retry_failed: bool = False,
+    run_prefix: list[str] | None = None,
+    console=None,
+    show_progress: bool = True,
+) -> BenchSummary:
+    """Run every cell not yet recorded; rows are written as each cell ends."""
+    from rich.console import Console
+
+    console = console or Console()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = read_recorded(out_dir)
+    if rows and not resume:
+        raise BenchError(f"{out_dir / RESULTS_JSONL} already has {len(rows)} rows; pass --resume to continue it "
+                         "or choose another --out")
+    if retry_failed:
+        rows = [r for r in rows if r.get("status") == "ok"]
+    done = {r.get("cell_id") for r in rows}
+    todo = [c for c in cells if c.cell_id not in done]
+    skipped = len(cells) - len(todo)
+    if skipped:
+        console.print(f"[dim]resume: {skipped} of {len(cells)} cells already recorded in {out_dir}[/dim]")
+    prefix = run_prefix or default_run_prefix()
+    statuses: collections.Counter[str] = collections.Counter()
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        with _progress(console, show_progress) as progress:
+            matrix_task = progress.add_task("matrix", total=len(todo), tps="")
+            for i, cell in enumerate(todo, 1):
+                cell_dir = out_dir / CELLS_DIR / cell.dir_name
+                command = cell.command(prefix, cell_dir)
+                label = f"[{i}/{len(todo)}] {cell.cell_id.split('#')[0]}"
+                step_task = progress.add_task(label, total=None, tps="")
+
+                def on_progress(event: dict[str, Any], task=step_task) -> None:
+                    tps = event.get("tokens_per_second")
+                    progress.update(task, completed=event.get("step", 0), total=event.get("max_steps"),
+                                    tps=f"{tps:,.0f} tok/s" if tps else "")
+
+                outcome = run_cell(command, cell_dir, timeout_s, on_progress)
+                progress.remove_task(step_task)
+                rows.append(cell_row(cell, outcome, cell_dir, command))
+                write_results(out_dir, rows)
+                statuses[outcome.status] += 1
+                progress.advance(matrix_task)
+                _print_outcome(console, label, outcome)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return BenchSummary(len(todo), skipped, dict(statuses), out_dir)
+
+
+def _print_outcome(console, label: str, outcome: CellOutcome) -> None:
+    if outcome.status == "ok":
+        tps = outcome.metrics.get("train_tokens_per_second")
+        extra = f"{tps:,.0f} tok/s/device" if isinstance(tps, int | float) else ""
+        console.print(f"[green]ok[/green] {label} {extra} ({outcome.elapsed_s:.0f} s)")
+    else:
+        last = next((line for line in reversed(outcome.tail) if line.strip()), "")
+        console.print(f"[red]{outcome.status}[/red] {label} ({outcome.elapsed_s:.0f} s): {last[:200]}")
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not enabled,
+        transient=False,
+    )

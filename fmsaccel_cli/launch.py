@@ -1,0 +1,112 @@
+"""``fmsaccel run``: resolve, check plugins' extras, write the config, launch torchrun."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .recipes import RecipeError, Resolved, validate
+
+TRAIN_MODULE = "fmsaccel_cli.train"
+
+
+@dataclass
+class LaunchOptions:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+    resume: bool = False
+
+
+def torchrun_command(config_path: Path, opts: LaunchOptions) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.nproc_per_node}"]
+    if opts.rdzv_endpoint:
+        cmd += [f"--nnodes={opts.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={opts.rdzv_endpoint}"]
+    elif opts.nnodes > 1 or opts.master_addr:
+        cmd += [f"--nnodes={opts.nnodes}", f"--node-rank={opts.node_rank}",
+                f"--master-addr={opts.master_addr or '127.0.0.1'}", f"--master-port={opts.master_port or 29500}"]
+    elif opts.master_port:
+        cmd += [f"--master-port={opts.master_port}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", TRAIN_MODULE, str(config_path)]
+    if opts.resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def missing_extras(active) -> list[tuple[str, list[str], list[str]]]:
+    """[(plugin, missing modules, pip command)] for plugins whose requirements don't import here."""
+    out = []
+    for spec, _ in active:
+        missing = spec.missing_requirements()
+        if missing:
+            out.append((spec.name, missing, spec.pip_command()))
+    return out
+
+
+def check_hardware(active, opts: LaunchOptions) -> None:
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    for spec, _ in active:
+        if spec.gpu_only and not has_gpu:
+            raise RecipeError(f"plugin {spec.name} needs a CUDA GPU and none is visible here")
+    if has_gpu and opts.nproc_per_node > torch.cuda.device_count():
+        raise RecipeError(f"--nproc-per-node {opts.nproc_per_node} but only {torch.cuda.device_count()} GPU(s) here")
+
+
+def install(commands: list[list[str]], assume_yes: bool, confirm) -> None:
+    for cmd in commands:
+        print(f"[fmsaccel] installing a missing plugin extra: {shlex.join(cmd)}", flush=True)
+        if not assume_yes and not confirm("Run this pip command now?"):
+            raise RecipeError("installation declined; run the command above, or pass --no-install to only print it")
+        if subprocess.call(cmd) != 0:
+            raise RecipeError(f"pip failed: {shlex.join(cmd)}")
+
+
+def write_config(resolved: Resolved, output_dir: Path) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "fmsaccel-config.yaml"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(resolved.to_yaml_dict(), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def stream(cmd: list[str]) -> int:
+    """Run the child in its own process group, forward SIGINT/SIGTERM, return its exit code."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def prepare(resolved: Resolved, opts: LaunchOptions):
+    """Validate everything a run needs (no model built); returns the active plugins."""
+    active = validate(resolved)
+    if opts.nproc_per_node < 1:
+        raise RecipeError("--nproc-per-node must be at least 1")
+    return active

@@ -1,0 +1,291 @@
+"""The training entry point, run by torchrun: ``python -m fmsaccel_cli.train CONFIG.yaml [--resume]``.
+
+tokenizer → model (a loader plugin or ``from_pretrained``) → plugins augment it →
+TRL ``SFTTrainer`` → train → adapter/model, tokenizer and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from fmsaccel_framework.plugin import AccelerationFramework, PluginError, TrainContext
+
+from . import data, models, recipes
+
+PROGRESS_TAG = "FMSACCEL_PROGRESS"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": torch.bfloat16}
+# fms-hf-tuning names -> SFTConfig names
+RENAMED = {"evaluation_strategy": "eval_strategy", "max_seq_length": "max_length"}
+NOT_SFT = set(recipes.EXTRA_ARGUMENTS) | {"r", "lora_alpha", "lora_dropout", "target_modules", "bias"}
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(message: str) -> None:
+    if is_main_process():
+        print(f"[fmsaccel] {message}", flush=True)
+
+
+def build_sft_config(args: dict[str, Any]) -> SFTConfig:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    kwargs = {RENAMED.get(k, k): v for k, v in args.items() if k not in NOT_SFT or k in RENAMED}
+    kwargs = {k: v for k, v in kwargs.items() if k in names}
+    kwargs["max_length"] = int(args.get("max_seq_length") or args.get("max_length") or 1024)
+    kwargs.setdefault("report_to", "none")
+    kwargs["dataset_kwargs"] = {"skip_prepare_dataset": True}
+    kwargs["remove_unused_columns"] = False
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+        kwargs.setdefault("ddp_backend", "gloo")
+    if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in kwargs:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    dtype = args.get("torch_dtype", "bfloat16")
+    if dtype == "float16":
+        kwargs["bf16"], kwargs["fp16"] = False, True
+    elif dtype == "float32":
+        kwargs["bf16"] = kwargs["fp16"] = False
+    return SFTConfig(**kwargs)
+
+
+def build_lora_config(args: dict[str, Any]):
+    if args.get("peft_method") in (None, "none"):
+        return None
+    if args["peft_method"] != "lora":
+        raise PluginError(f"peft_method '{args['peft_method']}' is not supported (lora, or null for full fine-tuning)")
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(args.get("r", 16)),
+        lora_alpha=int(args.get("lora_alpha", 16)),
+        lora_dropout=float(args.get("lora_dropout", 0.0)),
+        target_modules=args.get("target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+class RunMetrics(TrainerCallback):
+    """Tokens/s on non-padding tokens after warm-up, peak memory, per-step loss, progress lines.
+
+    Tokens are counted in a forward pre-hook on the top-level model (gradient
+    checkpointing recomputes layers, never the top-level forward), as a device
+    tensor so counting adds no host sync.
+    """
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+        self.tokens = None
+        self.tokens_at_warmup = None
+        self.time_at_warmup = None
+        self.step_losses: list[torch.Tensor] = []
+        self.losses: list[float] = []
+        self.start = time.perf_counter()
+        self.stop_requested = False
+        self.result: dict[str, Any] = {}
+
+    def count_tokens(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
+        n = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+        self.tokens = n if self.tokens is None else self.tokens + n
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        self.step_losses.append(loss.detach().float().reshape(()))
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        self.first_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self.first_step
+        if done == self.warmup_steps:
+            self._sync()
+            self.time_at_warmup = time.perf_counter()
+            self.tokens_at_warmup = float(self.tokens) if self.tokens is not None else 0.0
+        if self.stop_requested:
+            log("SIGTERM received: saving a checkpoint and stopping")
+            control.should_save = True
+            control.should_training_stop = True
+        if state.global_step % max(args.logging_steps, 1) == 0 or state.global_step == state.max_steps:
+            loss = float(self.step_losses[-1]) if self.step_losses else float("nan")
+            if is_main_process():
+                print(f"{PROGRESS_TAG} " + json.dumps({"step": state.global_step, "max_steps": state.max_steps,
+                                                       "tokens_per_second": self.throughput()[0], "loss": loss}),
+                      flush=True)
+
+    def throughput(self) -> tuple[float, float, int]:
+        if self.time_at_warmup is None or self.tokens is None:
+            return 0.0, 0.0, 0
+        self._sync()
+        elapsed = time.perf_counter() - self.time_at_warmup
+        tokens = float(self.tokens) - self.tokens_at_warmup
+        return (tokens / elapsed if elapsed > 0 else 0.0), elapsed, int(tokens)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "cuda": torch.version.cuda or "none"}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "triton", "fmsaccel"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = "--resume" in argv
+    config_path = Path([a for a in argv if not a.startswith("--")][0])
+    cfg = yaml.safe_load(config_path.read_text())
+    args: dict[str, Any] = cfg["arguments"]
+    try:
+        return _train(cfg, args, resume)
+    except (PluginError, data.DataError, recipes.RecipeError, FileNotFoundError) as e:
+        print(f"[fmsaccel] error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
+    active = recipes.active_plugins(cfg.get("plugins") or {})
+    framework = AccelerationFramework(active)
+    for line in framework.describe():
+        log(line)
+    torch.manual_seed(int(args.get("seed", 42)))
+    dtype = DTYPES[str(args.get("torch_dtype", "bfloat16"))]
+    model_path = models.resolve_model_path(args["model_name_or_path"], args.get("shape_overrides"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sft_config = build_sft_config(args)
+    ctx = TrainContext(args=args, torch_dtype=dtype, tokenizer=tokenizer, peft_config=build_lora_config(args),
+                       sft_config=sft_config)
+
+    config_vocab = json.loads((model_path / "config.json").read_text()).get("vocab_size", len(tokenizer))
+    rows = data.load_rows(args["training_data_path"], args, vocab_size=int(config_vocab))
+    train_rows = data.tokenize_rows(rows, tokenizer, args)
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(train_rows)
+
+    attn = args.get("attn_implementation") or ("flash_attention_2" if args.get("use_flash_attn") and
+                                               _has_flash_attn() else "sdpa")
+    ctx.extras["attn_implementation"] = attn
+    if framework.loader is not None:
+        model = framework.load_model(str(model_path), ctx)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    model = framework.augment(model, ctx)
+
+    metrics = RunMetrics(int(args.get("benchmark_warmup_steps", 2)))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(metrics, "stop_requested", True))
+
+    class Trainer(SFTTrainer):
+        def training_step(self, *a, **kw):
+            loss = super().training_step(*a, **kw)
+            metrics.record_loss(loss)
+            return loss
+
+    trainer = Trainer(
+        model=model,
+        args=sft_config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=ctx.peft_config,
+        data_collator=framework.data_collator(ctx),
+        callbacks=[metrics, *framework.callbacks(model, ctx)],
+    )
+    framework.prepare_trainer(trainer, ctx)
+    trainer.model.register_forward_pre_hook(metrics.count_tokens, with_kwargs=True)
+    if ctx.peft_config is not None or not framework.plugins:
+        ctx.report.add("trainer", f"PEFT {type(trainer.model).__name__} (LoRA by TRL)"
+                       if ctx.peft_config is not None else "no plugins: plain transformers model", 1)
+    log("patch report:")
+    for line in ctx.report.lines():
+        log(line)
+    if is_main_process():
+        trainer.model.print_trainable_parameters() if hasattr(trainer.model, "print_trainable_parameters") else None
+
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(sft_config.output_dir) if Path(sft_config.output_dir).exists() else None
+        log(f"resuming from {checkpoint}" if checkpoint else "--resume: no checkpoint found, starting fresh")
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    interrupted = metrics.stop_requested
+
+    tokens_per_second, measured_time, measured_tokens = metrics.throughput()
+    losses = [float(x) for x in metrics.step_losses]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    result = {
+        "recipe": cfg.get("recipe"),
+        "plugins": [p.name for p in framework.plugins],
+        "train_tokens_per_second": tokens_per_second,
+        "train_tokens_per_second_total": tokens_per_second * world,
+        "measured_tokens": measured_tokens,
+        "measured_seconds": measured_time,
+        "train_runtime": train_result.metrics.get("train_runtime"),
+        "train_samples_per_second": train_result.metrics.get("train_samples_per_second"),
+        "train_steps_per_second": train_result.metrics.get("train_steps_per_second"),
+        "train_loss": train_result.metrics.get("train_loss", train_result.training_loss),
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "mem_peak_torch_mem_alloc_in_bytes": peak,
+        "mem_torch_mem_alloc_in_bytes": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0,
+        "mem_nvidia_mem_reserved": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0,
+        "num_gpus": world if torch.cuda.is_available() else 0,
+        "world_size": world,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": _versions(),
+        "patch_report": ctx.report.as_dict(),
+        "interrupted": interrupted,
+        "args": args,
+    }
+    if interrupted:
+        log("stopped on SIGTERM after saving a checkpoint; continue with --resume")
+        return 143
+    trainer.save_model(sft_config.output_dir)
+    if is_main_process():
+        tokenizer.save_pretrained(sft_config.output_dir)
+        out = Path(sft_config.output_dir) / "metrics.json"
+        out.write_text(json.dumps(result, indent=2, default=str))
+        log(f"tokens/s (per device, non-padding, after {metrics.warmup_steps} warm-up steps): {tokens_per_second:.1f}"
+            f"; peak memory {peak / 2**30:.2f} GiB; loss {losses[0] if losses else float('nan'):.4f} -> "
+            f"{result['final_loss'] if losses else float('nan'):.4f}")
+        log(f"saved {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'}, tokenizer and {out}")
+    return 0
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Sort token-expert assignments by expert once; every grouped kernel then reads this.
+
+A router picks ``K`` experts for each of ``T`` tokens: ``S = T * K`` *slots*, slot
+``t * K + k`` being token ``t``'s ``k``-th choice. Sorting the slots by expert gives
+contiguous per-expert groups of *rows*, and the kernels gather their input rows from
+the unsorted tokens and scatter their output rows back to slot order, so no padded or
+per-expert copy of the tokens is ever made (the ScatterMoE idea).
+
+No host synchronisation happens here: group sizes stay on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Slots sorted by expert.
+
+    expert:  [S] expert of each sorted row (ascending).
+    slot:    [S] slot (``t * K + k``) each sorted row came from.
+    token:   [S] token (row of the unsorted input) each sorted row reads.
+    counts:  [E] rows per expert; ``ends`` is their inclusive cumulative sum.
+    """
+
+    expert: torch.Tensor
+    slot: torch.Tensor
+    token: torch.Tensor
+    counts: torch.Tensor
+    ends: torch.Tensor
+    num_experts: int
+    top_k: int
+    _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return self.expert.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_rows // self.top_k
+
+    @property
+    def starts(self) -> torch.Tensor:
+        return self.ends - self.counts
+
+    def blocks(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row tiles of ``block_m`` rows that never straddle two experts.
+
+        Returns ``(block_expert, block_start)`` (int32) for a launch grid of
+        ``cdiv(S, block_m) + E`` tiles, an upper bound known without a host sync;
+        unused tiles have expert ``-1``.
+        """
+        if block_m not in self._blocks:
+            e = self.num_experts
+            tiles_per_expert = (self.counts + block_m - 1) // block_m
+            tile_ends = tiles_per_expert.cumsum(0)
+            n_tiles = triton_cdiv(self.num_rows, block_m) + e
+            tile = torch.arange(n_tiles, device=self.expert.device)
+            tile_expert = torch.searchsorted(tile_ends, tile, right=True)
+            valid = tile_expert < e
+            owner = tile_expert.clamp(max=e - 1)
+            first_tile = (tile_ends - tiles_per_expert)[owner]
+            start = self.starts[owner] + (tile - first_tile) * block_m
+            block_expert = torch.where(valid, owner, -1).to(torch.int32)
+            self._blocks[block_m] = (block_expert, start.to(torch.int32))
+        return self._blocks[block_m]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def route(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+    """Group the ``[T, K]`` expert choices by expert (stable, so ties keep slot order)."""
+    if top_k_index.dim() != 2:
+        raise ValueError(f"top_k_index must be [tokens, top_k], got shape {tuple(top_k_index.shape)}")
+    top_k = top_k_index.size(1)
+    flat = top_k_index.reshape(-1)
+    expert, slot = torch.sort(flat, stable=True)
+    # bincount on an int tensor is deterministic on CUDA (only weighted bincount is not).
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    return Routing(
+        expert=expert.to(torch.int32),
+        slot=slot.to(torch.int32),
+        token=(slot // top_k).to(torch.int32),
+        counts=counts,
+        ends=counts.cumsum(0),
+        num_experts=num_experts,
+        top_k=top_k,
+    )

@@ -1,0 +1,411 @@
+"""Triton kernels for routed experts: grouped GEMMs that gather and scatter rows.
+
+Three kernels, all reading a :class:`~fmsaccel_moe.routing.Routing`:
+
+- ``expert_mm``: ``out[r] = f(a[row(r)]) @ W[e(r)]`` for every sorted row ``r``; the
+  input row is gathered from the unsorted tokens in-kernel, the output row may be
+  scattered back to slot order, ``f`` may be the SwiGLU of a ``[gate | up]`` row (so
+  the intermediate activation is never written), and rows may be scaled by their
+  routing weight.
+- ``expert_xty``: per-expert weight gradient ``sum_r a[row(r)]^T f(b[row(r)])`` with
+  the same gather / SwiGLU / scaling options.
+- ``swiglu_backward``: SwiGLU backward fused with the routing-weight gradient.
+
+Tiles never straddle experts (see ``Routing.blocks``). Triton under
+``TRITON_INTERPRET=1`` runs them on the CPU for the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .routing import Routing
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 experts get exact fp32 products (like cuBLAS default); bf16/fp16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _row_block(routing: Routing) -> int:
+    """Row-tile height: tall tiles when experts get many rows, short ones for small groups."""
+    if interpreting():
+        return 16
+    rows_per_expert = routing.num_rows / max(routing.num_experts, 1)
+    return 128 if rows_per_expert >= 512 else 64
+
+
+# ----------------------------------------------------------------------------- expert_mm
+
+
+@triton.jit
+def _expert_mm_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    token_ptr,
+    slot_ptr,
+    scale_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    ends_ptr,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    start = tl.load(block_start_ptr + pid_m)
+    end = tl.load(ends_ptr + expert).to(tl.int32)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    if GATHER:
+        in_rows = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        in_rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+
+    a_base = a_ptr + in_rows[:, None] * stride_am
+    w_base = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        a = tl.load(a_base + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+        if SWIGLU:
+            # a holds [gate | up]: the down projection's input silu(gate) * up is built in registers.
+            up = tl.load(a_base + (ks[None, :] + K) * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+            gate = a.to(tl.float32)
+            a = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_base + ks[:, None].to(tl.int64) * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.dot(a, w, input_precision=PRECISION)
+
+    if SCALE:
+        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * scale[:, None]
+    if SCATTER:
+        out_rows = tl.load(slot_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        out_rows = rows.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _mm_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [
+            (128, 64, 4, 4),
+            (128, 64, 8, 3),
+            (64, 64, 4, 4),
+            (128, 32, 4, 4),
+            (256, 64, 8, 3),
+            (64, 128, 4, 3),
+        ]
+    ]
+
+
+_expert_mm_tuned = triton.autotune(
+    configs=_mm_configs(), key=["N", "K", "BLOCK_M", "GATHER", "SCATTER", "SWIGLU", "SCALE"]
+)(_expert_mm_kernel)
+
+
+def expert_mm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    routing: Routing,
+    *,
+    gather: bool = False,
+    scatter: bool = False,
+    transpose_weight: bool = False,
+    swiglu: bool = False,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[S, N]`` rows ``f(a[row(r)]) @ W_e^T`` (``W_e`` itself with ``transpose_weight``).
+
+    weight: ``[E, N, K]`` (Hugging Face ``out x in`` layout) or ``[E, K, N]`` with
+    ``transpose_weight``. With ``swiglu`` the input rows are ``[gate | up]`` of width
+    ``2K``. Output rows go to slot order with ``scatter``, else stay sorted.
+    """
+    if a.dtype != weight.dtype:
+        raise TypeError(f"expert_mm: input {a.dtype} and weight {weight.dtype} differ")
+    if transpose_weight:
+        _, k, n = weight.shape
+        stride_we, stride_wk, stride_wn = weight.stride()
+    else:
+        _, n, k = weight.shape
+        stride_we, stride_wn, stride_wk = weight.stride()
+    if a.size(1) != (2 * k if swiglu else k):
+        raise ValueError(f"expert_mm: input width {a.size(1)} does not match weight {tuple(weight.shape)}")
+    out = a.new_empty(routing.num_rows, n)
+    if routing.num_rows == 0:
+        return out
+    block_m = _row_block(routing)
+    block_expert, block_start = routing.blocks(block_m)
+    args = (
+        a,
+        weight,
+        out,
+        routing.token,
+        routing.slot,
+        row_scale if row_scale is not None else out,
+        block_expert,
+        block_start,
+        routing.ends,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        stride_we,
+        stride_wk,
+        stride_wn,
+        out.stride(0),
+        out.stride(1),
+    )
+    flags = dict(GATHER=gather, SCATTER=scatter, SWIGLU=swiglu, SCALE=row_scale is not None)
+    flags["PRECISION"] = _precision(a.dtype)
+    if interpreting():
+        grid = (block_expert.numel(), triton.cdiv(n, 32))
+        _expert_mm_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=16)
+    else:
+
+        def grid(meta):
+            return (block_expert.numel(), triton.cdiv(n, meta["BLOCK_N"]))
+
+        _expert_mm_tuned[grid](*args, **flags, BLOCK_M=block_m)
+    return out
+
+
+# ----------------------------------------------------------------------------- expert_xty
+
+
+@triton.jit
+def _expert_xty_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    token_ptr,
+    scale_ptr,
+    ends_ptr,
+    M,
+    N,
+    stride_ar,
+    stride_am,
+    stride_br,
+    stride_bn,
+    stride_oe,
+    stride_om,
+    stride_on,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    SWIGLU_B: tl.constexpr,
+    SCALE_A: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    end = tl.load(ends_ptr + expert).to(tl.int32)
+    start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = ms < M
+    n_mask = ns < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rs < end
+        if GATHER_A:
+            a_rows = tl.load(token_ptr + rs, mask=r_mask, other=0).to(tl.int64)
+        else:
+            a_rows = rs.to(tl.int64)
+        if GATHER_B:
+            b_rows = tl.load(token_ptr + rs, mask=r_mask, other=0).to(tl.int64)
+        else:
+            b_rows = rs.to(tl.int64)
+        # a^T tile: [BLOCK_M, BLOCK_R]
+        a = tl.load(
+            a_ptr + a_rows[None, :] * stride_ar + ms[:, None] * stride_am,
+            mask=m_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if SCALE_A:
+            scale = tl.load(scale_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * scale[None, :]).to(b_ptr.dtype.element_ty)
+        b_mask = r_mask[:, None] & n_mask[None, :]
+        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if SWIGLU_B:
+            up = tl.load(b_ptr + b_rows[:, None] * stride_br + (ns[None, :] + N) * stride_bn, mask=b_mask, other=0.0)
+            gate = b.to(tl.float32)
+            b = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(b_ptr.dtype.element_ty)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _xty_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
+        for bm, bn, br, w, s in [
+            (128, 128, 32, 8, 3),
+            (128, 128, 64, 8, 3),
+            (64, 128, 64, 4, 3),
+            (128, 64, 64, 4, 3),
+            (64, 64, 64, 4, 4),
+        ]
+    ]
+
+
+_expert_xty_tuned = triton.autotune(configs=_xty_configs(), key=["M", "N", "GATHER_A", "GATHER_B", "SWIGLU_B"])(
+    _expert_xty_kernel
+)
+
+
+def expert_xty(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    routing: Routing,
+    *,
+    gather_a: bool = False,
+    gather_b: bool = False,
+    swiglu_b: bool = False,
+    a_row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-expert ``sum_r (s_r a[row(r)])^T f(b[row(r)])`` -> ``[E, M, N]`` (a weight gradient)."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"expert_xty: {a.dtype} and {b.dtype} differ")
+    m = a.size(1)
+    n = b.size(1) // 2 if swiglu_b else b.size(1)
+    out = a.new_empty(routing.num_experts, m, n)
+    args = (
+        a,
+        b,
+        out,
+        routing.token,
+        a_row_scale if a_row_scale is not None else out,
+        routing.ends,
+        m,
+        n,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+    )
+    flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SWIGLU_B=swiglu_b, SCALE_A=a_row_scale is not None)
+    flags["PRECISION"] = _precision(a.dtype)
+    if interpreting():
+        grid = (routing.num_experts, triton.cdiv(m, 32), triton.cdiv(n, 32))
+        _expert_xty_kernel[grid](*args, **flags, BLOCK_M=32, BLOCK_N=32, BLOCK_R=16)
+    else:
+
+        def grid(meta):
+            return (routing.num_experts, triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+        _expert_xty_tuned[grid](*args, **flags)
+    return out
+
+
+# ----------------------------------------------------------------------------- swiglu_backward
+
+
+@triton.jit
+def _swiglu_backward_kernel(
+    gate_up_ptr,
+    grad_ptr,
+    scale_ptr,
+    d_gate_up_ptr,
+    d_scale_ptr,
+    I,
+    stride_gu,
+    stride_g,
+    stride_dgu,
+    SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    gu_row = gate_up_ptr + row * stride_gu
+    dgu_row = d_gate_up_ptr + row * stride_dgu
+    if SCALE:
+        scale = tl.load(scale_ptr + row).to(tl.float32)
+    else:
+        scale = 1.0
+    dot = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, I, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < I
+        gate = tl.load(gu_row + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu_row + I + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        dot += g * silu * up
+        dh = g * scale
+        d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+        tl.store(dgu_row + cols, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgu_row + I + cols, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+    if SCALE:
+        tl.store(d_scale_ptr + row, tl.sum(dot, axis=0))
+
+
+def swiglu_backward(
+    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Backward of ``s_r * silu(gate) * up`` given ``grad`` of the unscaled product.
+
+    Returns ``d_gate_up`` and, with ``row_scale``, ``d_scale[r] = <grad_r, silu(gate_r) * up_r>`` (fp32).
+    """
+    rows, width = gate_up.shape
+    inter = width // 2
+    d_gate_up = torch.empty_like(gate_up)
+    d_scale = torch.empty(rows, device=gate_up.device, dtype=torch.float32) if row_scale is not None else None
+    if rows == 0:
+        return d_gate_up, d_scale
+    block = 32 if interpreting() else min(1024, triton.next_power_of_2(inter))
+    _swiglu_backward_kernel[(rows,)](
+        gate_up,
+        grad,
+        row_scale if row_scale is not None else gate_up,
+        d_gate_up,
+        d_scale if d_scale is not None else gate_up,
+        inter,
+        gate_up.stride(0),
+        grad.stride(0),
+        d_gate_up.stride(0),
+        SCALE=row_scale is not None,
+        BLOCK=block,
+        num_warps=4,
+    )
+    return d_gate_up, d_scale
