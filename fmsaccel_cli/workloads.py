@@ -51,7 +51,7 @@ def workload_lengths(name: str, num_examples: int, seed: int = 42, max_length: i
 
 
 def build_workload(name: str, vocab_size: int, num_examples: int, seed: int = 42, max_length: int = 4096) -> list[dict]:
-    """Rows ``{"input_ids": [...], "labels": [...]}`` of workload ``name`` ("P" or "R", or "workload:P"/"workload:R")."""
+    """Rows ``{"input_ids": [...], "labels": [...]}`` of workload ``name``: "P" or "R" (or "workload:P")."""
     if vocab_size <= FIRST_TOKEN_ID:
         raise ValueError(f"vocab_size must exceed {FIRST_TOKEN_ID}, got {vocab_size}")
     lengths = workload_lengths(name, num_examples, seed=seed, max_length=max_length)

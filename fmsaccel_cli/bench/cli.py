@@ -12,6 +12,7 @@ from typing import Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from .matrix import BenchError, expand, load_defaults, load_scenarios
 
@@ -54,7 +55,7 @@ def _overrides(sets: list[str] | None, data: str | None) -> dict[str, Any]:
 
 
 def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
     return typer.Exit(2)
 
 
@@ -126,19 +127,21 @@ def bench(
 
 
 def _print_cells(cells, run_prefix: list[str], out: Path) -> None:
+    """One aligned line per cell (plain text, so logs and narrow terminals keep every name whole)."""
     import shlex
-
-    from rich.table import Table
 
     from .runner import CELLS_DIR
 
-    table = Table(title="benchmark cells", title_justify="left")
-    for name in ("#", "scenario", "recipe", "model", "data", "gpus", "eff. batch", "batch/dev"):
-        table.add_column(name, overflow="fold")
-    for i, c in enumerate(cells, 1):
-        table.add_row(str(i), c.scenario, c.recipe, c.model_name_or_path, c.training_data_path or "-",
-                      str(c.num_gpus), str(c.effective_batch_size), str(c.per_device_train_batch_size))
-    console.print(table)
+    header = ("#", "recipe", "model", "data", "gpus", "eff.batch", "batch/dev", "scenario")
+    lines = [header] + [
+        (str(i), c.recipe, c.model_name_or_path, c.training_data_path or "-", str(c.num_gpus),
+         str(c.effective_batch_size), str(c.per_device_train_batch_size), c.scenario)
+        for i, c in enumerate(cells, 1)
+    ]
+    widths = [max(len(line[k]) for line in lines) for k in range(len(header))]
+    for line in lines:
+        console.print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip(),
+                      markup=False, highlight=False, soft_wrap=True)
     first = cells[0].command(run_prefix, out / CELLS_DIR / cells[0].dir_name)
     console.print(f"first cell's command: {shlex.join(first)}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"{len(cells)} cells", highlight=False)

@@ -316,7 +316,7 @@ def run_matrix(
     todo = [c for c in cells if c.cell_id not in done]
     skipped = len(cells) - len(todo)
     if skipped:
-        console.print(f"[dim]resume: {skipped} of {len(cells)} cells already recorded in {out_dir}[/dim]")
+        console.print(f"resume: {skipped} of {len(cells)} cells already recorded in {out_dir}", markup=False)
     prefix = run_prefix or default_run_prefix()
     statuses: collections.Counter[str] = collections.Counter()
 
@@ -351,20 +351,23 @@ def run_matrix(
 
 
 def _print_outcome(console, label: str, outcome: CellOutcome) -> None:
+    from rich.markup import escape
+
+    label = escape(label)
     if outcome.status == "ok":
         tps = outcome.metrics.get("train_tokens_per_second")
         extra = f"{tps:,.0f} tok/s/device" if isinstance(tps, int | float) else ""
         console.print(f"[green]ok[/green] {label} {extra} ({outcome.elapsed_s:.0f} s)")
     else:
         last = next((line for line in reversed(outcome.tail) if line.strip()), "")
-        console.print(f"[red]{outcome.status}[/red] {label} ({outcome.elapsed_s:.0f} s): {last[:200]}")
+        console.print(f"[red]{outcome.status}[/red] {label} ({outcome.elapsed_s:.0f} s): {escape(last[:200])}")
 
 
 def _progress(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich import progress as rp
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not enabled,
-        transient=False,
+    return rp.Progress(
+        rp.TextColumn("{task.description}", markup=False), rp.BarColumn(), rp.MofNCompleteColumn(),
+        rp.TextColumn("{task.fields[tps]}"), rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn(),
+        console=console, disable=not enabled,
     )
