@@ -99,7 +99,7 @@ def bench(
     try:
         if defaults is None and (matrix.parent / "defaults.yaml").exists() and matrix.name != "defaults.yaml":
             defaults = matrix.parent / "defaults.yaml"
-        cells = expand(
+        cells, impossible = expand(
             load_scenarios(matrix),
             load_defaults(defaults),
             effective_batch_sizes=_ints(effective_batch_size, "--effective-batch-size", [4, 8]),
@@ -109,6 +109,8 @@ def bench(
             models=_split(models) or None,
             overrides=_overrides(sets, data),
         )
+        for line in impossible:
+            console.print(f"[yellow]left out[/yellow]: {escape(line)}", highlight=False)
         if not cells:
             raise BenchError("the filters leave no cell to run (slow scenarios run only when named)")
         if dry_run:
@@ -178,3 +180,7 @@ def report(
             console.print(f"wrote {path}", highlight=False)
     if fail_on_regression and regressions:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # python -m fmsaccel_cli.bench.cli: the bench without the main app
+    bench_app()

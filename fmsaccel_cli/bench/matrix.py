@@ -133,10 +133,22 @@ def yaml_value(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``2e-5`` as a float: YAML 1.1 wants a dot, but seed scenario files write
+    learning rates that way and mean numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise BenchError(f"{path}: file not found") from None
     except yaml.YAMLError as e:
@@ -202,6 +214,10 @@ def _recipe_for(scenario: Scenario, shortname: str, arguments: dict[str, Any]) -
     return "standard-peft" if arguments.get("peft_method") == "lora" else "full-finetuning"
 
 
+class _Impossible(Exception):
+    """A batch size / GPU count combination a scenario cannot run."""
+
+
 def _batch_sizes(scenario: Scenario, arguments: dict, effective: int, gpus: int) -> tuple[int, int, int | None]:
     """(effective batch, per-device batch, gradient accumulation to set or None to leave as is)."""
     accumulation = arguments.get("gradient_accumulation_steps")
@@ -210,14 +226,14 @@ def _batch_sizes(scenario: Scenario, arguments: dict, effective: int, gpus: int)
         if accumulation is not None:
             return per_device * gpus * int(accumulation), per_device, None
         if effective % (per_device * gpus):
-            raise BenchError(
-                f"scenario '{scenario.name}': effective batch {effective} is not a multiple of "
+            raise _Impossible(
+                f"scenario '{scenario.name}': effective batch {effective} is not a multiple of its "
                 f"per_device_train_batch_size {per_device} x {gpus} GPU(s)"
             )
         return effective, per_device, effective // (per_device * gpus)
     steps = int(accumulation or 1)
     if effective % (gpus * steps):
-        raise BenchError(
+        raise _Impossible(
             f"scenario '{scenario.name}': effective batch {effective} does not split over {gpus} GPU(s)"
             + (f" x {steps} accumulation steps" if steps > 1 else "")
         )
@@ -233,8 +249,12 @@ def expand(
     recipes: list[str] | None = None,
     models: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
-) -> list[Cell]:
-    """Every cell of the matrix, in file order (scenario, framework config, model, data, batch, GPUs)."""
+) -> tuple[list[Cell], list[str]]:
+    """(every cell of the matrix in file order, one line per batch/GPU combination a scenario cannot run).
+
+    An impossible combination (an effective batch that does not split over the GPUs) is left out and reported
+    rather than failing the whole matrix, since one batch list is shared by scenarios with different constraints.
+    """
     from fmsaccel_cli.recipes import closest
 
     names = [s.name for s in scenarios]
@@ -252,6 +272,7 @@ def expand(
             raise BenchError(f"{option}: expected positive integers, got {list(value)}")
 
     cells: list[Cell] = []
+    impossible: list[str] = []
     seen: set[str] = set()
     for scenario in scenarios:
         if run_only_scenarios and scenario.name not in run_only_scenarios:
@@ -283,9 +304,14 @@ def expand(
                 for data in axes["training_data_path"]:
                     for effective in effective_batch_sizes:
                         for gpus in num_gpus:
-                            effective_now, per_device, accumulation = _batch_sizes(
-                                scenario, arguments, int(effective), int(gpus)
-                            )
+                            try:
+                                effective_now, per_device, accumulation = _batch_sizes(
+                                    scenario, arguments, int(effective), int(gpus)
+                                )
+                            except _Impossible as e:
+                                if str(e) not in impossible:
+                                    impossible.append(str(e))
+                                continue
                             cell_args = {"model_name_or_path": str(model)}
                             if data is not None:
                                 cell_args["training_data_path"] = data
@@ -298,4 +324,4 @@ def expand(
                             if cell.cell_id not in seen:
                                 seen.add(cell.cell_id)
                                 cells.append(cell)
-    return cells
+    return cells, impossible

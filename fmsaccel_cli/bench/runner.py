@@ -50,11 +50,8 @@ CSV_COLUMNS = [
     "mem_peak_torch_mem_alloc_in_bytes", "mem_peak_torch_mem_alloc_in_bytes_vs_baseline",
     "mem_torch_mem_alloc_in_bytes", "mem_nvidia_mem_reserved", "gpu_device_name",
 ]
-METRIC_KEYS = (
-    "train_loss", "final_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-    "train_tokens_per_second", "train_tokens_per_second_total", "mem_peak_torch_mem_alloc_in_bytes",
-    "mem_torch_mem_alloc_in_bytes", "mem_nvidia_mem_reserved",
-)
+# metrics.json keys not copied into the row: the cell's own coordinates win (a CPU run reports num_gpus 0)
+METRICS_NOT_COPIED = ("num_gpus", "recipe", "args")
 CSV_OMITTED = ("losses", "patch_report", "args", "command")  # kept in the JSONL only
 
 
@@ -209,14 +206,13 @@ def cell_row(cell: Cell, outcome: CellOutcome, cell_dir: Path, command: list[str
     if isinstance(resolved, dict):  # what the run resolved (recipe arguments too); what the cell asked for wins
         row.update({k: v for k, v in resolved.items() if k != "output_dir"})
     row.update(cell.arguments)
-    row.update({k: outcome.metrics[k] for k in METRIC_KEYS if k in outcome.metrics})
-    for key in ("losses", "patch_report", "plugins", "args"):
-        if key in outcome.metrics:
-            row[key] = outcome.metrics[key]
-    if "gpu" in outcome.metrics:
-        row["gpu_device_name"] = outcome.metrics["gpu"]
-    for name, version in (outcome.metrics.get("versions") or {}).items():
-        row[f"version_{name}"] = version
+    for key, value in outcome.metrics.items():
+        if key == "gpu":
+            row["gpu_device_name"] = value
+        elif key == "versions" and isinstance(value, dict):
+            row.update({f"version_{name}": version for name, version in value.items()})
+        elif key not in METRICS_NOT_COPIED:
+            row[key] = value
     row.update({
         "status": outcome.status,
         "returncode": outcome.returncode,

@@ -1,0 +1,209 @@
+"""The bench runner against a fake ``fmsaccel run``: failing cells, timeouts, kill-and-resume, result files.
+
+The fake (written to a temp folder) behaves by model name: ``ok-*`` trains (progress lines + metrics.json),
+``oom`` dies of CUDA OOM, ``crash`` exits 3, ``hang`` sleeps until killed, ``hang-once`` hangs only while
+``FAKE_HANG`` is set. Every start is appended to ``$FAKE_LOG`` so a test can tell what ran and how often.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fmsaccel_cli.bench.matrix import Cell, expand, load_scenarios
+from fmsaccel_cli.bench.runner import RESULTS_CSV, RESULTS_JSONL, read_recorded, run_cell, run_matrix
+
+FAKE_RUN = r'''
+import json, os, sys, time
+argv = sys.argv[1:]
+out = argv[argv.index("--output-dir") + 1]
+sets = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
+model = sets["model_name_or_path"]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({"model": model, "pid": os.getpid(), "out": out}) + "\n")
+os.makedirs(out, exist_ok=True)
+if model == "oom":
+    print("Traceback (most recent call last):")
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
+    sys.exit(1)
+if model == "crash":
+    print("ValueError: something broke", flush=True)
+    sys.exit(3)
+if model == "hang" or (model == "hang-once" and os.environ.get("FAKE_HANG")):
+    print("loading...", flush=True)
+    time.sleep(120)
+steps = int(sets.get("max_steps", 3))
+tps = {"ok-fast": 2000.0, "ok-slow": 1000.0}.get(model, 1500.0)
+for step in range(1, steps + 1):
+    print("FMSACCEL_PROGRESS " + json.dumps({"step": step, "max_steps": steps, "tokens_per_second": tps,
+                                             "loss": 2.0}), flush=True)
+metrics = {"train_tokens_per_second": tps, "train_runtime": 1.5, "train_loss": 2.0, "final_loss": 1.9,
+           "losses": [2.1, 2.0, 1.9], "mem_peak_torch_mem_alloc_in_bytes": 4 * 2**30,
+           "mem_torch_mem_alloc_in_bytes": 2**30, "num_gpus": 0, "gpu": "fake-gpu",
+           "versions": {"torch": "9.9", "python": "3.x"}, "recipe": "x",
+           "args": {"r": 16, "output_dir": out, "model_name_or_path": "/resolved/path"}}
+with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump(metrics, f)
+'''
+
+SCENARIOS = """
+scenarios:
+  - name: baseline-peft-bnb
+    framework_config: [baseline-peft-bnb]
+    arguments: {peft_method: lora, r: 16, model_name_or_path: [ok-slow]}
+  - name: accelerated-peft-bnb
+    framework_config: [accelerated-peft-bnb]
+    arguments: {peft_method: lora, r: 16, model_name_or_path: [ok-fast, oom, crash, hang-once, ok-slow]}
+"""
+
+
+@pytest.fixture()
+def fake(tmp_path, monkeypatch):
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    log = tmp_path / "starts.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.delenv("FAKE_HANG", raising=False)
+    return [sys.executable, str(script)], log
+
+
+def _starts(log: Path) -> list[str]:
+    return [json.loads(line)["model"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _cells(tmp_path: Path, models: list[str] | None = None) -> list[Cell]:
+    path = tmp_path / "scenarios.yaml"
+    path.write_text(SCENARIOS)
+    cells, _ = expand(load_scenarios(path), {"max_steps": 3}, effective_batch_sizes=[4], num_gpus=[1], models=models)
+    return cells
+
+
+def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, fake):
+    run_prefix, log = fake
+    out = tmp_path / "out"
+    summary = run_matrix(_cells(tmp_path), out, timeout_s=60, run_prefix=run_prefix,
+                         console=Console(file=open(os.devnull, "w")), show_progress=False)
+    assert summary.statuses == {"ok": 4, "oom": 1, "crash": 1}
+    rows = {r["model_name_or_path"]: r for r in read_recorded(out) if r["scenario"] == "accelerated-peft-bnb"}
+    assert rows["oom"]["status"] == "oom" and "CUDA out of memory" in rows["oom"]["error_messages"]
+    assert rows["crash"]["status"] == "crash" and rows["crash"]["returncode"] == 3
+    assert "ValueError: something broke" in rows["crash"]["error_messages"]
+    ok = rows["ok-fast"]
+    assert ok["status"] == "ok" and ok["error_messages"] == "" and ok["train_tokens_per_second"] == 2000.0
+    assert ok["model_name_or_path"] == "ok-fast" and ok["num_gpus"] == 1  # the cell's coordinates win
+    assert ok["gpu_device_name"] == "fake-gpu" and ok["version_torch"] == "9.9"
+    assert (Path(ok["cell_dir"]) / "output.log").read_text().count("FMSACCEL_PROGRESS") == 3
+    assert (Path(ok["cell_dir"]) / "command.sh").exists()
+    # the ratio to the baseline-peft-bnb cell of the same model/batch/GPUs (ok-slow has one, ok-fast does not)
+    slow = next(r for r in read_recorded(out) if r["model_name_or_path"] == "ok-slow"
+                and r["scenario"] == "accelerated-peft-bnb")
+    assert slow["train_tokens_per_second_vs_baseline"] == 1.0 and ok["train_tokens_per_second_vs_baseline"] is None
+    with open(out / RESULTS_CSV, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6
+    for column in ("framework_config", "peft_method", "model_name_or_path", "num_gpus", "per_device_train_batch_size",
+                   "r", "train_tokens_per_second", "mem_peak_torch_mem_alloc_in_bytes", "status", "error_messages",
+                   "train_tokens_per_second_vs_baseline", "gpu_device_name"):
+        assert column in table[0], column
+    assert "losses" not in table[0]  # nested fields stay in the JSONL
+    assert _starts(log) == ["ok-slow", "ok-fast", "oom", "crash", "hang-once", "ok-slow"]
+
+
+def test_timeout_stops_the_cell_and_is_recorded(tmp_path, fake):
+    run_prefix, _ = fake
+    cell = _cells(tmp_path, models=["hang"])[0]
+    start = time.monotonic()
+    outcome = run_cell(cell.command(run_prefix, tmp_path / "cell"), tmp_path / "cell", timeout_s=1.0,
+                       kill_grace_s=2.0)
+    assert outcome.status == "timeout" and outcome.returncode is None
+    assert time.monotonic() - start < 15
+    assert outcome.tail[0] == "loading..." and "timeout after 1 s" in outcome.tail[-1]
+
+
+def test_existing_results_need_resume(tmp_path, fake):
+    from fmsaccel_cli.bench.matrix import BenchError
+
+    run_prefix, log = fake
+    cells = _cells(tmp_path, models=["ok-fast"])
+    quiet = Console(file=open(os.devnull, "w"))
+    run_matrix(cells, tmp_path / "out", run_prefix=run_prefix, console=quiet, show_progress=False)
+    with pytest.raises(BenchError, match="pass --resume"):
+        run_matrix(cells, tmp_path / "out", run_prefix=run_prefix, console=quiet, show_progress=False)
+    summary = run_matrix(cells, tmp_path / "out", resume=True, run_prefix=run_prefix, console=quiet,
+                         show_progress=False)
+    assert (summary.ran, summary.skipped) == (0, 2)
+    assert _starts(log) == ["ok-fast", "ok-fast"]
+
+
+def test_retry_failed_reruns_only_failures(tmp_path, fake):
+    run_prefix, log = fake
+    cells = _cells(tmp_path, models=["ok-fast", "crash"])
+    quiet = Console(file=open(os.devnull, "w"))
+    run_matrix(cells, tmp_path / "out", run_prefix=run_prefix, console=quiet, show_progress=False)
+    run_matrix(cells, tmp_path / "out", resume=True, retry_failed=True, run_prefix=run_prefix, console=quiet,
+               show_progress=False)
+    assert sorted(_starts(log)) == ["crash", "crash", "crash", "crash", "ok-fast", "ok-fast"]
+    assert len(read_recorded(tmp_path / "out")) == 4
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the orphan check relies on Linux PDEATHSIG")
+def test_kill_and_resume_loses_nothing_and_repeats_nothing(tmp_path, fake):
+    run_prefix, log = fake
+    (tmp_path / "scenarios.yaml").write_text(textwrap.dedent(SCENARIOS))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fmsaccel_cli.bench.cli", "--matrix", str(tmp_path / "scenarios.yaml"),
+               "--effective-batch-size", "4", "--out", str(out), "--set", "max_steps=3"]
+    env = {**os.environ, "FMSACCEL_BENCH_RUN_CMD": " ".join(run_prefix), "FAKE_HANG": "1"}
+    bench = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: "hang-once" in _starts(log))  # four cells recorded, the fifth is running
+        recorded_before = read_recorded(out)
+        bench.send_signal(signal.SIGKILL)
+        bench.wait(timeout=30)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert [r["model_name_or_path"] for r in recorded_before] == ["ok-slow", "ok-fast", "oom", "crash"]
+    hung_pid = json.loads(log.read_text().splitlines()[-1])["pid"]
+    _wait_for(lambda: not _alive(hung_pid), timeout=15)  # the cell died with the bench: no orphan
+    assert read_recorded(out) == recorded_before  # the kill lost nothing, tore nothing
+
+    del env["FAKE_HANG"]
+    done = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = read_recorded(out)
+    assert [r["model_name_or_path"] for r in rows] == ["ok-slow", "ok-fast", "oom", "crash", "hang-once", "ok-slow"]
+    assert len({r["cell_id"] for r in rows}) == 6
+    # each cell started once, except the one that was running when the bench died
+    assert _starts(log) == ["ok-slow", "ok-fast", "oom", "crash", "hang-once", "hang-once", "ok-slow"]
+    assert (out / RESULTS_JSONL).read_text().count("\n") == 6
+    assert "4 already recorded" in done.stdout
