@@ -31,8 +31,12 @@ FUSED_MAX_TOKENS = int(os.environ.get("FMSACCEL_GPTQ_FUSED_MAX_TOKENS", "256"))
 BACKENDS = ("auto", "fused", "dequant", "torch")
 
 
+# read once, like triton.jit does when it decorates the kernels below (CPU tests set it before importing)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET
 
 
 @triton.jit
@@ -241,8 +245,8 @@ def _launch_fused(a: torch.Tensor, qweight, scales, qzeros, g_idx, group_size, z
     args = (a, *_weight_args(qweight, scales, qzeros, g_idx), out, M, N, K, a.stride(0), out.stride(0), _bucket(M))
     flags = dict(GROUP_SIZE=size, HAS_G_IDX=g_idx is not None, ZERO_OFFSET=zero_offset,
                  DOT_FP32=_interpreting() or a.dtype == torch.float32)  # the interpreter's tl.dot mishandles bf16
-    cols = (lambda meta: triton.cdiv(K, meta["BLOCK_K"])) if grad_input else (lambda meta: triton.cdiv(N, meta["BLOCK_N"]))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * cols(meta),)
+    out_cols, block = (K, "BLOCK_K") if grad_input else (N, "BLOCK_N")
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[block]),)
     if _interpreting():
         kernel = _fused_grad_input_kernel if grad_input else _fused_matmul_kernel
         kernel[grid(_INTERPRET_MATMUL)](*args, **flags, **_INTERPRET_MATMUL)

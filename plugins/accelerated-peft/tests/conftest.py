@@ -1,0 +1,49 @@
+"""Shared fixtures for the accelerated-peft tests.
+
+Without CUDA the Triton kernels run under the Triton interpreter; it must be switched on
+before triton is imported (``triton.jit`` reads it when it decorates a kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _random_gptq(in_features: int, out_features: int, group_size: int = 32, act_order: bool = False,
+                 checkpoint_format: str = "gptq", seed: int = 0, device: str = DEVICE) -> dict:
+    """Random packed GPTQ tensors, plus the reference weight ``W [out, in]`` (fp32) they encode."""
+    from fmsaccel_peft.gptq import packing
+
+    g = torch.Generator().manual_seed(seed)
+    groups = packing.num_groups(in_features, group_size)
+    intweight = torch.randint(0, 16, (out_features, in_features), generator=g)
+    zeros = torch.randint(1, 16, (groups, out_features), generator=g)
+    scales = (torch.rand(groups, out_features, generator=g) * 0.02 + 0.002).half()
+    g_idx = packing.sequential_g_idx(in_features, group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=g)]
+    tensors = packing.pack(intweight, zeros, scales, g_idx, checkpoint_format)
+    reference = (intweight - zeros[g_idx.long()].t()).float() * scales[g_idx.long()].t().float()
+    return {**{k: v.to(device) for k, v in tensors.items()}, "reference": reference.to(device),
+            "group_size": group_size, "zero_offset": packing.zero_offset(checkpoint_format),
+            "act_order": act_order}
+
+
+@pytest.fixture
+def random_gptq():
+    """Factory: ``random_gptq(in_features, out_features, group_size=32, act_order=False, checkpoint_format="gptq")``."""
+    return _random_gptq
+
+
+@pytest.fixture
+def device():
+    return DEVICE
