@@ -284,13 +284,30 @@ PACKED_BACKENDS: dict[str, Callable] = {
 }
 
 
+def padding_mask_passthrough(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                             mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
+                             **kwargs) -> torch.Tensor | None:
+    """The ``AttentionMaskInterface`` entry for our attention: hand over the 2D padding mask.
+
+    Without a registered mask function transformers drops the padding mask entirely for a
+    custom attention name. This keeps the 2D [B, S] mask (None when nothing is padded, as
+    for a padding-free row) and builds no [T, T] mask that the varlen kernels would ignore.
+    """
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
 def sdpa_padded_attention(query, key, value, attention_mask, scaling: float | None, dropout: float) -> torch.Tensor:
     """Ordinary causal attention for [B, H, L, D] with an optional padding mask; returns [B, L, H, D].
 
-    transformers builds no 4D mask for a custom attention name, so a 2D padding mask
-    [B, S] arrives here as is. Keys may outnumber queries (a KV cache): the causal
-    diagonal is then aligned to the end. Every query may attend to itself, so rows of
-    padding never become all-masked (their output is ignored anyway).
+    The padding mask arrives as 2D [B, S] (see :func:`padding_mask_passthrough`). Keys
+    may outnumber queries (a KV cache): the causal diagonal is then aligned to the end.
+    Every query may attend to itself, so rows of padding never become all-masked (their
+    output is ignored anyway).
     """
     q_len, kv_len = query.shape[2], key.shape[2]
     gqa = _gqa(query, key)
@@ -360,8 +377,9 @@ def attention_name(backend: str) -> str:
 
 def register_attention(backend: str, strict: bool = True) -> str:
     """Register the backend's function with transformers and return its attention name."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
 
     name = attention_name(backend) + ("" if strict else "_auto")
     AttentionInterface.register(name, make_attention_forward(backend, strict=strict))
+    AttentionMaskInterface.register(name, padding_mask_passthrough)
     return name

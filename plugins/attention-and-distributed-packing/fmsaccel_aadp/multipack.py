@@ -9,12 +9,13 @@ by tokens instead:
   plugin uses ``per_device_train_batch_size × max_seq_length``, i.e. what a padded
   batch could hold at most. The number of examples per batch varies.
 - **Packing.** An epoch's examples are shuffled (seeded by ``seed`` and the epoch) and
-  cut into windows of about ``steps_per_window × num_replicas`` batches of tokens.
-  Each window is split into the fewest bins that is a multiple of ``num_replicas``
-  and can hold its tokens, with longest-processing-time-first: examples by length,
-  longest first, each into the currently lightest bin. That needs no more bins than
-  first-fit-decreasing and leaves the bins almost equal; if a bin would overflow the
-  budget, the window gets ``num_replicas`` more bins and is packed again.
+  taken in windows of ``steps_per_window × num_replicas`` bins. A window takes examples
+  until it holds a little more than its bins can, then packs them
+  longest-processing-time-first: longest example first, each into the currently
+  lightest bin, skipping those that fit nowhere, which move on to the next window. The
+  bins come out nearly full and nearly equal (at least as few bins as
+  first-fit-decreasing). The epoch's last window is packed into the fewest bins (a
+  multiple of ``num_replicas``) that hold all its examples.
 - **Ranks.** A window's bins, heaviest first, are dealt to the ranks ``num_replicas``
   at a time, so the ranks of one step hold bins of nearly the same load. Every
   example is used exactly once per epoch (no drop, no duplication), every rank gets
@@ -32,36 +33,27 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 
-def pack_balanced(lengths: Sequence[int], num_bins: int) -> list[list[int]] | None:
-    """Split item indices into ``num_bins`` bins of near-equal total length (LPT).
+def pack_balanced(lengths: Sequence[int], num_bins: int,
+                  capacity: int | None = None) -> tuple[list[list[int]], list[int]] | None:
+    """Longest-processing-time-first: items by length, longest first, each into the lightest bin.
 
-    Returns bins of indices into ``lengths``, or None when there are fewer items than bins.
+    Returns (bins of indices into ``lengths``, indices that fit nowhere within ``capacity``),
+    or None when there are fewer items than bins (some bin would stay empty).
     """
     if num_bins > len(lengths):
         return None
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     heap = [(0, b) for b in range(num_bins)]  # (load, bin), lightest on top
     bins: list[list[int]] = [[] for _ in range(num_bins)]
+    left_over: list[int] = []
     for i in order:
-        load, b = heapq.heappop(heap)
+        load, b = heap[0]
+        if capacity is not None and load + lengths[i] > capacity:
+            left_over.append(i)  # the lightest bin cannot take it, so none can
+            continue
         bins[b].append(i)
-        heapq.heappush(heap, (load + lengths[i], b))
-    return bins
-
-
-def _pack_window(lengths: np.ndarray, token_budget: int, num_replicas: int) -> list[list[int]]:
-    """Bins (a multiple of num_replicas of them) for one window, each within the budget."""
-    total = int(lengths.sum())
-    num_bins = num_replicas * max(1, -(-total // (token_budget * num_replicas)))
-    as_list = lengths.tolist()
-    while True:
-        bins = pack_balanced(as_list, num_bins)
-        if bins is None:
-            raise ValueError(f"cannot split {len(as_list)} examples ({total} tokens) into batches of at most "
-                             f"{token_budget} tokens for {num_replicas} ranks; raise the budget")
-        if max(sum(as_list[i] for i in b) for b in bins) <= token_budget:
-            return bins
-        num_bins += num_replicas
+        heapq.heapreplace(heap, (load + lengths[i], b))
+    return bins, left_over
 
 
 def _dist_world() -> tuple[int, int]:
@@ -109,17 +101,20 @@ class MultipackBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _windows(self, order: np.ndarray) -> list[np.ndarray]:
-        """Cut the shuffled order into windows of about steps_per_window steps of tokens."""
-        target = self.token_budget * self.num_replicas * self.steps_per_window
-        cumulative = np.cumsum(self.lengths[order])
-        cuts = np.searchsorted(cumulative, np.arange(target, int(cumulative[-1]), target), side="right")
-        windows = [w for w in np.split(order, cuts) if len(w)]
-        # a thin last window would give short, underfilled steps (or fewer examples than ranks)
-        if len(windows) > 1 and (int(self.lengths[windows[-1]].sum()) < target // 2
-                                 or len(windows[-1]) < self.num_replicas):
-            windows[-2:] = [np.concatenate(windows[-2:])]
-        return windows
+    def _bins_for_last_window(self, window: list[int]) -> list[list[int]]:
+        """The fewest bins (a multiple of num_replicas) that hold all of ``window`` within the budget."""
+        lengths = self.lengths[window].tolist()
+        total = sum(lengths)
+        num_bins = self.num_replicas * max(1, -(-total // (self.token_budget * self.num_replicas)))
+        while True:
+            packed = pack_balanced(lengths, num_bins, self.token_budget)
+            if packed is None:
+                raise ValueError(f"cannot split the last {len(window)} examples ({total} tokens) into batches of at "
+                                 f"most {self.token_budget} tokens for {self.num_replicas} ranks; raise the budget")
+            bins, left_over = packed
+            if not left_over:
+                return [[window[i] for i in b] for b in bins]
+            num_bins += self.num_replicas
 
     def plan(self, epoch: int | None = None) -> list[list[list[int]]]:
         """The whole epoch for all ranks: ``plan[step][rank]`` is a list of example indices."""
@@ -127,12 +122,28 @@ class MultipackBatchSampler:
         if epoch in self._plans:
             return self._plans[epoch]
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = (rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))).tolist()
+        lengths = self.lengths.tolist()
+        window_bins = self.num_replicas * self.steps_per_window
+        capacity = window_bins * self.token_budget
+        remaining = int(self.lengths.sum())
         steps: list[list[list[int]]] = []
-        for window in self._windows(order):
-            bins = _pack_window(self.lengths[window], self.token_budget, self.num_replicas)
-            bins = [[int(window[i]) for i in b] for b in bins]
-            bins.sort(key=lambda b: -int(self.lengths[b].sum()))
+        carry: list[int] = []
+        position = 0
+        while position < len(order) or carry:
+            window, tokens = carry, sum(lengths[i] for i in carry)
+            if remaining + tokens <= capacity * 3 // 2:  # the rest makes the last window, never a thin one
+                window, position = window + order[position:], len(order)
+                bins, carry = self._bins_for_last_window(window), []
+            else:
+                while position < len(order) and tokens < capacity:  # overfill: the bins fill up, a few carry on
+                    window.append(order[position])
+                    tokens += lengths[order[position]]
+                    remaining -= lengths[order[position]]
+                    position += 1
+                packed, left_over = pack_balanced([lengths[i] for i in window], window_bins, self.token_budget)
+                bins, carry = [[window[i] for i in b] for b in packed], [window[i] for i in left_over]
+            bins.sort(key=lambda b: -sum(lengths[i] for i in b))
             window_steps = [bins[s:s + self.num_replicas] for s in range(0, len(bins), self.num_replicas)]
             if self.shuffle:
                 window_steps = [window_steps[i] for i in rng.permutation(len(window_steps))]
