@@ -1,0 +1,148 @@
+"""Fused LoRA: base (dequantised) + low-rank update in one autograd function, for projections sharing an input.
+
+``y_i = x @ W_i^T + b_i + s_i * (drop_i(x) @ A_i^T) @ B_i^T`` for every projection ``i``
+that reads the same ``x`` (q/k/v, or gate/up). Compared with PEFT's module chain:
+
+- ``x`` is saved once for all projections, dropout keeps a 1-byte mask instead of a
+  dropped copy of ``x``, and the rank-``r`` product ``drop(x) @ A^T`` is the only other
+  activation kept; the base output itself is never saved (``W`` is frozen);
+- each quantised ``W_i`` is dequantised once in the forward; the backward re-dequantises
+  it, or reuses the forward's copy when ``keep_weights`` (cheap under gradient
+  checkpointing, where only one layer's recompute holds them at a time);
+- the backward accumulates ``dx`` over all projections in place.
+
+Dropout draws its mask with ``F.dropout`` on a tensor of ones of the input's shape and
+dtype, in projection order, which consumes the RNG exactly as PEFT's ``nn.Dropout``
+does: the same seed gives the same masks, and checkpoint recompute replays them.
+
+The op is matmuls and elementwise torch; the Triton work is in the dequantisation
+(bitsandbytes / our GPTQ kernel), so it runs anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base_layers import dequantize_base_weight, is_quantized
+from ..runtime import compute_dtype
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One output of the fused op: a frozen base layer and, optionally, its LoRA update."""
+
+    base: nn.Module
+    has_lora: bool
+    scaling: float = 0.0
+    dropout: float = 0.0
+
+
+def lora_parts(layer: nn.Module) -> tuple[Projection, tuple[torch.Tensor, ...]]:
+    """The :class:`Projection` and ``(A, B)`` weights of a PEFT LoRA layer (or of a bare base layer)."""
+    base = layer.base_layer if hasattr(layer, "lora_A") else layer
+    if any(p.requires_grad for p in base.parameters()):
+        raise ValueError(f"fused LoRA needs a frozen base layer; {type(base).__name__} has trainable parameters")
+    if not hasattr(layer, "lora_A"):
+        return Projection(layer, False), ()
+    (adapter,) = layer.active_adapters
+    dropout = layer.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    projection = Projection(layer.base_layer, True, float(layer.scaling[adapter]), float(p))
+    return projection, (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+
+
+def _dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(torch.ones_like(x2), p, training=True) != 0
+
+
+class _FusedLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, projections: tuple[Projection, ...], keep_weights: bool, *lora_weights):
+        ctx.set_materialize_grads(False)
+        dtype = compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        outputs, masks, products, kept = [], [], [], []
+        weights = iter(lora_weights)
+        for proj in projections:
+            w = dequantize_base_weight(proj.base, dtype)
+            bias = None if proj.base.bias is None else proj.base.bias.to(dtype)
+            y = F.linear(x2, w, bias)
+            kept.append(w if keep_weights or not is_quantized(proj.base) else None)
+            if proj.has_lora:
+                a, b = next(weights).to(dtype), next(weights).to(dtype)
+                mask = _dropout_mask(x2, proj.dropout) if proj.dropout else None
+                xd = x2 * mask / (1.0 - proj.dropout) if mask is not None else x2
+                xa = xd @ a.t()
+                y.addmm_(xa, b.t(), alpha=proj.scaling)
+                masks.append(mask)
+                products.append(xa)
+            outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.projections, ctx.dtype, ctx.x_dtype = projections, dtype, x.dtype
+        ctx.n_masks = len(masks)
+        has_lora = any(p.has_lora for p in projections)
+        ctx.save_for_backward(x2 if has_lora else None, *lora_weights, *masks, *products, *kept)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        projections, dtype = ctx.projections, ctx.dtype
+        saved = list(ctx.saved_tensors)
+        x2 = saved.pop(0)
+        n_lora = sum(p.has_lora for p in projections)
+        lora_weights, saved = saved[: 2 * n_lora], saved[2 * n_lora:]
+        masks, products, kept = saved[:n_lora], saved[n_lora: 2 * n_lora], saved[2 * n_lora:]
+        need_dx = ctx.needs_input_grad[0]
+        dx = None
+        lora_grads: list[torch.Tensor | None] = []
+        i_lora = 0
+        for proj, grad, w in zip(projections, grads, kept, strict=True):
+            if proj.has_lora:
+                a_param, b_param = lora_weights[2 * i_lora], lora_weights[2 * i_lora + 1]
+                mask, xa = masks[i_lora], products[i_lora]
+                i_lora += 1
+            if grad is None:
+                if proj.has_lora:
+                    lora_grads += [None, None]
+                continue
+            dy = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            if need_dx:
+                w = dequantize_base_weight(proj.base, dtype) if w is None else w
+                dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            if not proj.has_lora:
+                continue
+            a, b = a_param.to(dtype), b_param.to(dtype)
+            dxa = (dy @ b).mul_(proj.scaling)  # d loss / d (drop(x) @ A^T)
+            db = (dy.t() @ xa).mul_(proj.scaling)
+            keep_scale = 1.0 / (1.0 - proj.dropout)
+            da = dxa.t() @ (x2 if mask is None else x2 * mask * keep_scale)
+            if need_dx and mask is None:
+                dx = dxa @ a if dx is None else dx.addmm_(dxa, a)
+            elif need_dx:
+                dxd = (dxa @ a).mul_(mask).mul_(keep_scale)
+                dx = dxd if dx is None else dx.add_(dxd)
+            lora_grads += [da.to(a_param.dtype), db.to(b_param.dtype)]
+        if dx is not None:
+            dx = dx.view(*_input_shape(grads, dx.shape[-1])).to(ctx.x_dtype)
+        return (dx, None, None, *lora_grads)
+
+
+def _input_shape(grads, features: int) -> tuple[int, ...]:
+    """The input's shape, recovered from any of the output gradients."""
+    grad = next(g for g in grads if g is not None)
+    return (*grad.shape[:-1], features)
+
+
+def fused_lora(x: torch.Tensor, layers: Sequence[nn.Module], keep_weights: bool = False) -> tuple[torch.Tensor, ...]:
+    """Run ``layers`` (PEFT LoRA layers or bare base layers) that all read ``x``, as one fused op.
+
+    Returns one output per layer. ``keep_weights`` keeps dequantised weights from the
+    forward for the backward instead of dequantising again.
+    """
+    projections, weights = zip(*(lora_parts(layer) for layer in layers), strict=True)
+    flat = [t for pair in weights for t in pair]
+    return _FusedLoRA.apply(x, tuple(projections), keep_weights, *flat)
