@@ -21,7 +21,13 @@ bench_app = typer.Typer(
     no_args_is_help=False,
     rich_markup_mode=None,
 )
-console = Console()
+
+
+def _console() -> Console:
+    """Rich console per command; off a terminal (CI logs, pipes) tables get room instead of rich's 80 columns."""
+    probe = Console(soft_wrap=True)
+    return probe if probe.is_terminal else Console(width=200, soft_wrap=True)
+
 
 LIST_HELP = "Comma- or space-separated, or repeat the option."
 
@@ -54,7 +60,7 @@ def _overrides(sets: list[str] | None, data: str | None) -> dict[str, Any]:
     return out
 
 
-def _fail(error: Exception) -> typer.Exit:
+def _fail(console: Console, error: Exception) -> typer.Exit:
     console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
     return typer.Exit(2)
 
@@ -94,6 +100,7 @@ def bench(
     """Run every cell of a scenarios matrix: scenario x framework config x model x batch size x GPU count."""
     if ctx.invoked_subcommand is not None:
         return
+    console = _console()
     from .runner import default_run_prefix, run_matrix
 
     try:
@@ -114,12 +121,12 @@ def bench(
         if not cells:
             raise BenchError("the filters leave no cell to run (slow scenarios run only when named)")
         if dry_run:
-            _print_cells(cells, default_run_prefix(), out)
+            _print_cells(console, cells, default_run_prefix(), out)
             return
         summary = run_matrix(cells, out, timeout_s=timeout, resume=resume, retry_failed=retry_failed,
                              console=console)
     except BenchError as e:
-        raise _fail(e) from None
+        raise _fail(console, e) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/yellow]: finished cells are in {out}; continue with --resume")
         raise typer.Exit(130) from None
@@ -128,7 +135,7 @@ def bench(
                   f"results in {out / 'results.csv'}; see: fmsaccel bench report {out}", highlight=False)
 
 
-def _print_cells(cells, run_prefix: list[str], out: Path) -> None:
+def _print_cells(console: Console, cells, run_prefix: list[str], out: Path) -> None:
     """One aligned line per cell (plain text, so logs and narrow terminals keep every name whole)."""
     import shlex
 
@@ -160,11 +167,12 @@ def report(
     """Table of results and ratios to baseline-peft-bnb; regressions against a reference; charts."""
     from . import report as rep
 
+    console = _console()
     try:
         rows = rep.read_results(results)
         reference = rep.read_results(vs) if vs is not None else None
     except BenchError as e:
-        raise _fail(e) from None
+        raise _fail(console, e) from None
     console.print(rep.results_table(rows, title=f"{results} ({len(rows)} cells)"))
     regressions = 0
     if reference is not None:

@@ -230,9 +230,15 @@ def changes_table(changes: list[Change], tolerance: float, with_data: bool):
     for c in changes:
         change = "-" if c.relative is None else f"{c.relative:+.1%}"
         verdict = "[red]regression[/red]" if c.regression else "[green]improvement[/green]"
-        ref, new = (c.reference, c.new) if c.metric == "status" else (_fmt(c.reference, ",.4g"), _fmt(c.new, ",.4g"))
+        ref, new = (_show(c.metric, c.reference), _show(c.metric, c.new))
         table.add_row(*[str(k) for k in c.key], c.metric, str(ref), str(new), change, verdict)
     return table
+
+
+def _show(metric: str, value: Any) -> str:
+    if metric.startswith("mem_") and isinstance(value, int | float):
+        return f"{value / GIB:.2f} GiB"
+    return _fmt(value, ",.4g") if isinstance(value, int | float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------- charts
@@ -245,8 +251,8 @@ def _slug(text: str) -> str:
 def write_plots(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """Bar charts of tokens/s and peak memory per recipe, one PNG per metric and model (and data path).
 
-    Bars are grouped by recipe; each GPU count / per-device batch is one bar of the group. Failed cells show
-    their status instead of a bar, so an OOM is visible rather than missing.
+    Bars are grouped by recipe; each GPU count / per-device batch is one bar of the group, labelled with its ratio
+    to the baseline-peft-bnb cell. Failed cells show their status instead of a bar, so an OOM is visible.
     """
     import matplotlib
 
@@ -255,7 +261,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [normalize(r) for r in rows]
+    rows = [normalize(r) for r in add_baseline_ratios(rows)]
     written = []
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -280,6 +286,9 @@ def write_plots(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
                     if cell["status"] == "ok" and value is not None:
                         ax.bar(x, value * scale, width, color=f"C{j}", label=label)
                         label = None  # one legend entry per series
+                        ratio = _number(cell.get(f"{metric}_vs_baseline"))
+                        if ratio is not None and len(series) <= 4:
+                            ax.text(x, value * scale, f"x{ratio:.2f}", ha="center", va="bottom", fontsize=6)
                     else:
                         ax.text(x, 0, cell["status"], rotation=90, ha="center", va="bottom", fontsize=7, color="red")
             if ax.get_legend_handles_labels()[0]:
