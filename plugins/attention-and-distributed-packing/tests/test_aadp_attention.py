@@ -6,6 +6,7 @@ from fmsaccel_aadp import attention as A
 from fmsaccel_aadp.collator import collate_padding_free
 from transformers.models.llama.modeling_llama import repeat_kv
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = (70, 1, 97, 33)  # odd sizes, a 1-token example, and a row longer than flex's 128-token block
 
 
@@ -14,7 +15,9 @@ def _dtype(backend: str) -> torch.dtype:
 
 
 def _tolerance(dtype: torch.dtype) -> dict:
-    return {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    if dtype == torch.float32:  # GPU kernels accumulate in other orders than the CPU's
+        return {"atol": 1e-5, "rtol": 1e-4} if DEVICE == "cpu" else {"atol": 1e-4, "rtol": 1e-3}
+    return {"atol": 3e-2, "rtol": 3e-2}
 
 
 def _skip_unless_runs(backend: str, device: str, dtype: torch.dtype, training: bool) -> None:
