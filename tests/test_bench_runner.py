@@ -21,7 +21,14 @@ import pytest
 from rich.console import Console
 
 from fmsaccel_cli.bench.matrix import Cell, expand, load_scenarios
-from fmsaccel_cli.bench.runner import RESULTS_CSV, RESULTS_JSONL, read_recorded, run_cell, run_matrix
+from fmsaccel_cli.bench.runner import (
+    RESULTS_CSV,
+    RESULTS_JSONL,
+    error_summary,
+    read_recorded,
+    run_cell,
+    run_matrix,
+)
 
 FAKE_RUN = r'''
 import json, os, sys, time
@@ -96,7 +103,9 @@ def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, fake):
     assert summary.statuses == {"ok": 4, "oom": 1, "crash": 1}
     rows = {r["model_name_or_path"]: r for r in read_recorded(out) if r["scenario"] == "accelerated-peft-bnb"}
     assert rows["oom"]["status"] == "oom" and "CUDA out of memory" in rows["oom"]["error_messages"]
+    assert rows["oom"]["error"] == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert rows["crash"]["status"] == "crash" and rows["crash"]["returncode"] == 3
+    assert rows["crash"]["error"] == "ValueError: something broke"
     assert "ValueError: something broke" in rows["crash"]["error_messages"]
     ok = rows["ok-fast"]
     assert ok["status"] == "ok" and ok["error_messages"] == "" and ok["train_tokens_per_second"] == 2000.0
@@ -117,6 +126,23 @@ def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, fake):
         assert column in table[0], column
     assert "losses" not in table[0]  # nested fields stay in the JSONL
     assert _starts(log) == ["ok-slow", "ok-fast", "oom", "crash", "hang-once", "ok-slow"]
+
+
+def test_error_summary_finds_the_worker_error_under_torchrun_noise():
+    lines = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "[rank0]: ValueError: False is not a valid SaveStrategy",
+        "E1126 failed (exitcode: 1) local_rank: 0",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html",
+        "============================================================",
+    ]
+    assert error_summary(lines) == "ValueError: False is not a valid SaveStrategy"
+    assert error_summary(["a", "torch.OutOfMemoryError: CUDA out of memory.", "RuntimeError: later"]) == (
+        "torch.OutOfMemoryError: CUDA out of memory."
+    )
+    assert error_summary(["just a line", ""]) == "just a line"
 
 
 def test_timeout_stops_the_cell_and_is_recorded(tmp_path, fake):

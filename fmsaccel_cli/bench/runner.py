@@ -17,6 +17,7 @@ import io
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -44,8 +45,8 @@ OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 CSV_COLUMNS = [
     "scenario", "framework_config", "recipe", "peft_method", "model_name_or_path", "training_data_path",
     "num_gpus", "effective_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "r", "lora_alpha", "lora_dropout", "target_modules", "torch_dtype", "learning_rate", "max_steps",
-    "status", "train_loss", "final_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "torch_dtype", "learning_rate", "max_steps", "status", "error",
+    "train_loss", "final_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
     "train_tokens_per_second", "train_tokens_per_second_total", "train_tokens_per_second_vs_baseline",
     "mem_peak_torch_mem_alloc_in_bytes", "mem_peak_torch_mem_alloc_in_bytes_vs_baseline",
     "mem_torch_mem_alloc_in_bytes", "mem_nvidia_mem_reserved", "gpu_device_name",
@@ -78,6 +79,23 @@ class CellOutcome:
     elapsed_s: float
     tail: list[str]
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*)?([\w.]*(?:Error|Exception)\b.*)$")
+NOISE = ("ChildFailedError",)  # torchrun's wrapper around the worker's real error
+
+
+def error_summary(lines: list[str]) -> str:
+    """The line that says what went wrong: an OOM, else the last ``SomethingError: ...`` that is not torchrun's
+    wrapper, else the last non-empty line."""
+    for line in reversed(lines):
+        if any(marker in line for marker in OOM_MARKERS):
+            return line.strip()
+    for line in reversed(lines):
+        match = ERROR_LINE.match(line)
+        if match and not any(noise in line for noise in NOISE):
+            return match.group(1).strip()
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
 def _classify(returncode: int | None, timed_out: bool, saw_oom: bool, has_metrics: bool) -> str:
@@ -127,6 +145,7 @@ def run_cell(
     metrics_path.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not count as success
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     saw_oom = timed_out = False
+    first_error = ""  # the first error line, which torchrun's long epilogue pushes out of the tail
     start = time.monotonic()
     linux = sys.platform.startswith("linux")
     proc = subprocess.Popen(
@@ -172,6 +191,9 @@ def run_cell(
                 tail.append(text)
                 if any(marker in text for marker in OOM_MARKERS):
                     saw_oom = True
+                    first_error = first_error or text
+                elif ERROR_LINE.match(text) and not any(noise in text for noise in NOISE):
+                    first_error = first_error or text
     except BaseException:
         _stop_group(proc, kill_grace_s)  # Ctrl-C / SIGTERM of the bench: end the cell, record nothing
         raise
@@ -186,7 +208,10 @@ def run_cell(
     elif returncode == 0 and not timed_out:
         tail.append(f"[fmsaccel bench] the run exited 0 but wrote no {metrics_path}")
     status = _classify(returncode, timed_out, saw_oom, bool(metrics))
-    return CellOutcome(status, None if timed_out else returncode, time.monotonic() - start, list(tail), metrics)
+    lines = list(tail)
+    if first_error and first_error not in lines:
+        lines = [first_error, "..."] + lines
+    return CellOutcome(status, None if timed_out else returncode, time.monotonic() - start, lines, metrics)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -217,6 +242,7 @@ def cell_row(cell: Cell, outcome: CellOutcome, cell_dir: Path, command: list[str
         "status": outcome.status,
         "returncode": outcome.returncode,
         "elapsed_s": round(outcome.elapsed_s, 2),
+        "error": "" if outcome.status == "ok" else error_summary(outcome.tail),
         "error_messages": "" if outcome.status == "ok" else "\n".join(outcome.tail),
         "cell_dir": str(cell_dir),
         "command": command,
@@ -355,8 +381,8 @@ def _print_outcome(console, label: str, outcome: CellOutcome) -> None:
         extra = f"{tps:,.0f} tok/s/device" if isinstance(tps, int | float) else ""
         console.print(f"[green]ok[/green] {label} {extra} ({outcome.elapsed_s:.0f} s)")
     else:
-        last = next((line for line in reversed(outcome.tail) if line.strip()), "")
-        console.print(f"[red]{outcome.status}[/red] {label} ({outcome.elapsed_s:.0f} s): {escape(last[:200])}")
+        why = error_summary(outcome.tail)
+        console.print(f"[red]{outcome.status}[/red] {label} ({outcome.elapsed_s:.0f} s): {escape(why[:200])}")
 
 
 def _progress(console, enabled: bool):
