@@ -12,6 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)  # test tensors are tiny: more OpenMP threads only contend (100x slower on a busy CPU)
 
 import pytest  # noqa: E402
 

@@ -309,8 +309,8 @@ def _hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list, kwa
 class _ShardWriter:
     """Collects tensors into safetensors shards of at most ``limit`` bytes, then writes the index."""
 
-    def __init__(self, folder: Path, limit: int = SHARD_BYTES):
-        self.folder, self.limit = folder, limit
+    def __init__(self, folder: Path, limit: int | None = None):
+        self.folder, self.limit = folder, limit or SHARD_BYTES
         self.pending: dict[str, torch.Tensor] = {}
         self.size, self.files, self.weight_map = 0, [], {}
 
