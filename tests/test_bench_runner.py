@@ -51,7 +51,13 @@ if model == "hang" or (model == "hang-once" and os.environ.get("FAKE_HANG")):
     time.sleep(120)
 steps = int(sets.get("max_steps", 3))
 tps = {"ok-fast": 2000.0, "ok-slow": 1000.0}.get(model, 1500.0)
+if model == "flood":
+    while True:
+        print("still going", flush=True)
+        time.sleep(0.01)
 for step in range(1, steps + 1):
+    sys.stderr.write(f"\r{step}/{steps} [00:01<00:02]")  # a tqdm bar, which shares the line with the next print
+    sys.stderr.flush()
     print("FMSACCEL_PROGRESS " + json.dumps({"step": step, "max_steps": steps, "tokens_per_second": tps,
                                              "loss": 2.0}), flush=True)
 metrics = {"train_tokens_per_second": tps, "train_runtime": 1.5, "train_loss": 2.0, "final_loss": 1.9,
@@ -145,15 +151,27 @@ def test_error_summary_finds_the_worker_error_under_torchrun_noise():
     assert error_summary(["just a line", ""]) == "just a line"
 
 
-def test_timeout_stops_the_cell_and_is_recorded(tmp_path, fake):
+@pytest.mark.parametrize("model, first_line", [("hang", "loading..."), ("flood", "still going")])
+def test_timeout_stops_the_cell_and_is_recorded(tmp_path, fake, model, first_line):
     run_prefix, _ = fake
-    cell = _cells(tmp_path, models=["hang"])[0]
+    cell = _cells(tmp_path, models=[model])[0]
     start = time.monotonic()
     outcome = run_cell(cell.command(run_prefix, tmp_path / "cell"), tmp_path / "cell", timeout_s=1.0,
                        kill_grace_s=2.0)
     assert outcome.status == "timeout" and outcome.returncode is None
     assert time.monotonic() - start < 15
-    assert outcome.tail[0] == "loading..." and "timeout after 1 s" in outcome.tail[-1]
+    assert first_line in outcome.tail and "timeout after 1 s" in outcome.tail[-1]
+
+
+def test_progress_lines_reach_the_display(tmp_path, fake):
+    run_prefix, _ = fake
+    cell = _cells(tmp_path, models=["ok-fast"])[0]
+    events = []
+    outcome = run_cell(cell.command(run_prefix, tmp_path / "cell"), tmp_path / "cell", timeout_s=60,
+                       on_progress=events.append)
+    assert outcome.status == "ok"
+    assert [(e["step"], e["max_steps"], e["tokens_per_second"]) for e in events] == [(1, 3, 2000.0), (2, 3, 2000.0),
+                                                                                      (3, 3, 2000.0)]
 
 
 def test_existing_results_need_resume(tmp_path, fake):

@@ -166,25 +166,26 @@ def run_cell(
     try:
         with open(cell_dir / "output.log", "w") as log:
             while True:
+                if time.monotonic() - start > timeout_s:
+                    timed_out = True
+                    log.write(f"\n[fmsaccel bench] timeout after {timeout_s:g} s: stopping the cell\n")
+                    tail.append(f"[fmsaccel bench] timeout after {timeout_s:g} s")
+                    _stop_group(proc, kill_grace_s)
+                    break
                 try:
                     line = lines.get(timeout=0.2)
                 except queue.Empty:
-                    if time.monotonic() - start > timeout_s:
-                        timed_out = True
-                        log.write(f"\n[fmsaccel bench] timeout after {timeout_s:g} s: stopping the cell\n")
-                        tail.append(f"[fmsaccel bench] timeout after {timeout_s:g} s")
-                        _stop_group(proc, kill_grace_s)
-                        break
                     continue
                 if line is None:
                     break
                 log.write(line)
                 log.flush()
                 text = line.rstrip("\n")
-                if text.startswith(PROGRESS_TAG):
+                tag = text.find(PROGRESS_TAG)  # a tqdm bar may share the line: "\r 33%|###| 1/3FMSACCEL_PROGRESS {..}"
+                if tag >= 0:
                     if on_progress is not None:
                         try:
-                            on_progress(json.loads(text[len(PROGRESS_TAG) :]))
+                            on_progress(json.loads(text[tag + len(PROGRESS_TAG) :]))
                         except json.JSONDecodeError:
                             pass
                     continue
