@@ -1,0 +1,140 @@
+"""The same three expert primitives as ``triton_kernels``, in PyTorch.
+
+Rows are gathered with ``index_select`` and the per-expert GEMMs run through torch's
+``grouped_mm`` (``torch.nn.functional.grouped_mm`` or ``torch._grouped_mm``, whichever
+this torch has) when it supports the device, dtype and strides, else through a loop
+over experts. This is the ``grouped_mm`` backend on the GPU and the CPU fallback; the
+tests also use it as a second, independent implementation of the kernels' contract.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .routing import Routing
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_name() -> str | None:
+    """Which torch grouped GEMM this torch provides (for the patch report)."""
+    if hasattr(F, "grouped_mm"):
+        return "torch.nn.functional.grouped_mm"
+    if hasattr(torch, "_grouped_mm"):
+        return "torch._grouped_mm"
+    return None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+
+
+def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch's grouped GEMM wants bf16 on sm80+ CUDA, and 16-byte aligned strides everywhere."""
+    if _GROUPED_MM is None or not (_aligned(a) and _aligned(b)):
+        return False
+    if a.device.type == "cuda":
+        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    return a.device.type == "cpu"
+
+
+def _rows(a: torch.Tensor, routing: Routing, gather: bool) -> torch.Tensor:
+    return a.index_select(0, routing.token.long()) if gather else a
+
+
+def swiglu_rows(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``[gate | up]`` rows, computed in fp32 like the kernels."""
+    inter = gate_up.size(-1) // 2
+    gate, up = gate_up[..., :inter].float(), gate_up[..., inter:].float()
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def _mm_groups(x: torch.Tensor, w: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``x[group e] @ w[e]`` for ``w: [E, K, N]``."""
+    if grouped_mm_supported(x, w):
+        return _GROUPED_MM(x, w, offs=routing.ends.to(torch.int32))
+    out = x.new_zeros(x.size(0), w.size(2))
+    start = 0
+    for e, end in enumerate(routing.ends.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ w[e]
+        start = end
+    return out
+
+
+def _xty_groups(a: torch.Tensor, b: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``a[group e]^T @ b[group e]`` -> ``[E, M, N]``."""
+    a_t = a.t()
+    if grouped_mm_supported(a_t, b):
+        return _GROUPED_MM(a_t, b, offs=routing.ends.to(torch.int32))
+    out = a.new_zeros(routing.num_experts, a.size(1), b.size(1))
+    start = 0
+    for e, end in enumerate(routing.ends.tolist()):
+        if end > start:
+            out[e] = a[start:end].t() @ b[start:end]
+        start = end
+    return out
+
+
+def expert_mm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    routing: Routing,
+    *,
+    gather: bool = False,
+    scatter: bool = False,
+    transpose_weight: bool = False,
+    swiglu: bool = False,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See ``triton_kernels.expert_mm``."""
+    x = _rows(a, routing, gather)
+    if swiglu:
+        x = swiglu_rows(x)
+    w = weight if transpose_weight else weight.transpose(1, 2)
+    if not grouped_mm_supported(x, w):
+        w = w.contiguous()
+    y = _mm_groups(x, w, routing)
+    if row_scale is not None:
+        y = (y.float() * row_scale.float()[:, None]).to(y.dtype)
+    if scatter:
+        out = torch.empty_like(y)
+        out[routing.slot.long()] = y
+        return out
+    return y
+
+
+def expert_xty(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    routing: Routing,
+    *,
+    gather_a: bool = False,
+    gather_b: bool = False,
+    swiglu_b: bool = False,
+    a_row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See ``triton_kernels.expert_xty``."""
+    a_rows = _rows(a, routing, gather_a)
+    if a_row_scale is not None:
+        a_rows = (a_rows.float() * a_row_scale.float()[:, None]).to(a.dtype)
+    b_rows = _rows(b, routing, gather_b)
+    if swiglu_b:
+        b_rows = swiglu_rows(b_rows)
+    return _xty_groups(a_rows.contiguous(), b_rows.contiguous(), routing)
+
+
+def swiglu_backward(
+    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """See ``triton_kernels.swiglu_backward``."""
+    inter = gate_up.size(1) // 2
+    gate, up, g = gate_up[:, :inter].float(), gate_up[:, inter:].float(), grad.float()
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    d_scale = (g * silu * up).sum(1) if row_scale is not None else None
+    dh = g * row_scale.float()[:, None] if row_scale is not None else g
+    d_gate = dh * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([d_gate, dh * silu], dim=1).to(gate_up.dtype), d_scale
