@@ -1,0 +1,211 @@
+"""Replacement forwards, installed per module instance (or per modeling module, for RoPE).
+
+Every function here computes what the Hugging Face / PEFT forward it replaces
+computes, through the fused ops. Instances keep their class, parameters and names,
+so state dicts, PEFT adapter saving and ``print(model)`` are unchanged; the patch
+report says what was replaced.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from . import ops
+
+
+# --- RMSNorm -------------------------------------------------------------------------------------------------------
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def gemma_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return ops.rms_norm(hidden_states, self.weight, self.eps, gemma=True)
+
+
+# --- RoPE ----------------------------------------------------------------------------------------------------------
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Drop-in for ``modeling_*.apply_rotary_pos_emb``: per-token cos/sin come from the model's ``position_ids``."""
+    return ops.rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+# --- LoRA layers ---------------------------------------------------------------------------------------------------
+def fusable(layer: nn.Module) -> bool:
+    """A PEFT LoRA layer in the plain state the fused op computes (one active adapter, not merged or disabled).
+
+    Bare base layers (no LoRA) always are.
+    """
+    if not hasattr(layer, "lora_A"):
+        return True
+    active = layer.active_adapters
+    return (not layer.disable_adapters and not layer.merged and len(active) == 1 and active[0] in layer.lora_A)
+
+
+def fused_linear_forward(keep_weights: bool) -> Callable:
+    """Forward of one LoRA layer through the fused op (PEFT's own forward when it is not in a fusable state)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or not fusable(self):
+            return type(self).forward(self, x, *args, **kwargs)
+        return ops.fused_lora(x, [self], keep_weights)[0]
+
+    return forward
+
+
+@contextmanager
+def _answering(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor):
+    """Make ``module(inputs)`` return ``output`` for the duration (a precomputed projection)."""
+    previous = module.__dict__.get("forward")
+
+    def forward(x, *args, **kwargs):
+        if x is not inputs or args or kwargs:
+            raise RuntimeError(f"fused q/k/v: {type(module).__name__} was called on another input than the "
+                               "attention's hidden states; this attention layout is not supported by fused_lora")
+        return output
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+def fused_attention_forward(keep_weights: bool) -> Callable:
+    """Attention forward computing q, k and v in one fused op over the shared input, then the original forward.
+
+    The original forward still runs (RoPE, cache, attention backend, o_proj); its
+    ``q_proj``/``k_proj``/``v_proj`` calls just return the fused results. Nothing about
+    the forward's signature is assumed beyond its hidden-states argument.
+    """
+
+    def forward(self, *args, **kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(fusable(p) for p in projections):
+            return type(self).forward(self, *args, **kwargs)
+        outputs = ops.fused_lora(hidden, projections, keep_weights)
+        with ExitStack() as stack:
+            for proj, out in zip(projections, outputs, strict=True):
+                stack.enter_context(_answering(proj, hidden, out))
+            return type(self).forward(self, *args, **kwargs)
+
+    return forward
+
+
+# --- MLP -----------------------------------------------------------------------------------------------------------
+def swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool) -> Callable:
+    """Gated MLP with gate/up in one fused op and down in another.
+
+    The down projection never keeps its dequantised weight: under checkpointing that
+    saved copy would force the recompute to run the layer's last matmul, which
+    otherwise is skipped (nothing after it is needed for the backward).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        if not all(fusable(p) for p in layers):
+            return type(self).forward(self, x)
+        gate, up = ops.fused_lora(x, layers[:2], keep_weights)
+        hidden = ops.swiglu(gate, up) if fast_swiglu else self.act_fn(gate) * up
+        return ops.fused_lora(hidden, layers[2:], keep_weights=False)[0]
+
+    return forward
+
+
+# --- MoE experts ---------------------------------------------------------------------------------------------------
+def experts_apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+    """``_apply_gate`` of transformers' experts (grouped_mm / batched_mm paths): packed ``[gate; up]`` -> SwiGLU."""
+    return ops.swiglu_packed(gate_up_out)
+
+
+# --- loss ----------------------------------------------------------------------------------------------------------
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """``loss_function`` of a causal LM (same arguments as transformers' ``ForCausalLMLoss``), Triton cross-entropy.
+
+    The logits stay in their dtype; statistics are fp32 inside the kernel.
+    """
+    if shift_labels is None:
+        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    return ops.cross_entropy(logits, shift_labels, ignore_index, num_items_in_batch=num_items_in_batch)
+
+
+def _shifted(hidden: torch.Tensor, labels, shift_labels) -> tuple[torch.Tensor, torch.Tensor]:
+    if shift_labels is not None:
+        return hidden, shift_labels
+    return hidden[:, :-1], labels[:, 1:]
+
+
+def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callable | None) -> Callable:
+    """Causal-LM forward whose training loss is the chunked linear+CE: the full logits never exist.
+
+    Used when training with labels, and for TRL's ``fused_lm_head=True`` protocol (its
+    ``SFTTrainer`` asks the model for per-token log-probabilities, entropy and top-1 flags
+    instead of logits). Anything else (eval, generation, no labels) goes to ``original``.
+    ``aux_loss(self, backbone_outputs, attention_mask)`` adds the MoE load-balancing loss.
+    """
+
+    @functools.wraps(original)
+    def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, fused_lm_head=False,
+                **kwargs):
+        if not fused_lm_head and (labels is None and shift_labels is None or not self.training):
+            extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                                       ("num_items_in_batch", num_items_in_batch)) if v is not None}
+            return original(self, *args, **kwargs, **extra)
+        kwargs["use_cache"] = False
+        kwargs.pop("logits_to_keep", None)
+        if aux_loss is not None and getattr(self.config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        outputs = self.base_model(*args, **kwargs)
+        hidden, targets = _shifted(outputs.last_hidden_state, labels, shift_labels)
+        lm_head = self.get_output_embeddings()
+        targets = targets.to(hidden.device)
+        mask = targets != -100
+        logp, entropy, top1 = ops.token_logprobs(hidden[mask], lm_head.weight, targets[mask], logit_scale)
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -logp.sum() / denominator
+        moe_loss = None
+        if aux_loss is not None and kwargs.get("output_router_logits"):
+            moe_loss = aux_loss(self, outputs, kwargs.get("attention_mask"))
+            loss = loss + self.config.router_aux_loss_coef * moe_loss.to(loss.device)
+        if fused_lm_head:
+            from trl.trainer.utils import FusedCausalLMOutput
+
+            def full(values: torch.Tensor) -> torch.Tensor:
+                return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+            return FusedCausalLMOutput(loss=loss, log_probs=full(logp), entropy=full(entropy), is_top1=full(top1),
+                                       label_mask=mask, aux_loss=moe_loss)
+        return _causal_lm_output(loss, moe_loss, outputs)
+
+    return forward
+
+
+def _causal_lm_output(loss, moe_loss, outputs):
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+
+    common = dict(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    if moe_loss is None and getattr(outputs, "router_logits", None) is None:
+        return CausalLMOutputWithPast(**common)
+    return MoeCausalLMOutputWithPast(**common, aux_loss=moe_loss, router_logits=outputs.router_logits)

@@ -1,0 +1,128 @@
+"""The fused-ops-and-kernels plugin: patch the model with the requested kernels, following the rule table.
+
+``augment`` (after the quantisation plugins added LoRA) applies the kernels in a fixed
+order and reports every replacement; a requested kernel without a rule for the
+architecture is an error naming the supported ones. ``prepare_trainer`` then makes
+the fused loss answer TRL's ``fused_lm_head`` calls, and installs selective
+activation checkpointing when gradient checkpointing is on.
+"""
+
+from __future__ import annotations
+
+import torch
+from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
+
+from .patching import Options, RuleError, apply_rule, is_fused
+from .rules import KERNELS, RULES, supported
+
+PATHS = ("peft.quantization.fused_ops_and_kernels", "training.fused_ops_and_kernels")
+# fused_lora before fast_swiglu: the fused MLP forward takes the SwiGLU kernel along
+ORDER = ("fast_rms_layernorm", "fast_rope_embeddings", "fused_lora", "fast_swiglu", "fast_loss")
+assert sorted(ORDER) == sorted(KERNELS)
+
+
+def transformers_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _lora_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
+class FusedOpsPlugin(AccelerationPlugin):
+    def __init__(self, spec, config):
+        super().__init__(spec, config)
+        active = [p for p in PATHS if p in config]
+        if len(active) != 1:
+            raise PluginError(f"configure fused_ops_and_kernels under exactly one of: {', '.join(PATHS)}")
+        self.keys = config[active[0]]
+        self.requested = [k for k in ORDER if self.keys[k]]
+
+    def augment(self, model, ctx: TrainContext):
+        if not self.requested:
+            ctx.report.note(self.name, "no kernel requested (all keys false)")
+            return model
+        arch = transformers_model(model).config.model_type
+        rules = RULES.get(arch, {})
+        for kernel in self.requested:
+            if kernel not in rules:
+                raise PluginError(f"{kernel} has no rule for architecture '{arch}'; "
+                                  f"supported: {', '.join(supported(kernel))}")
+        self._note_runtime(ctx)
+        if "fused_lora" in self.requested:
+            model = self._with_lora(model, ctx)
+            self._check_base_layer(model)
+        base = transformers_model(model)
+        options = Options(keep_weights=bool(ctx.args.get("gradient_checkpointing")),
+                          fast_swiglu=bool(self.keys["fast_swiglu"]), fast_loss=self.keys["fast_loss"])
+        for kernel in self.requested:
+            try:
+                lines = apply_rule(base, rules, kernel, options)
+            except (RuleError, TypeError, ValueError) as err:
+                raise PluginError(f"{kernel} on {arch}: {err}") from err
+            for what, count in lines:
+                ctx.report.add(self.name, what, count)
+        if "fused_lora" in self.requested:
+            self._note_unfused(base, ctx)
+        if self.keys["fast_loss"] is True:
+            ctx.report.note(self.name, "fast_loss: true serves the model's own loss (materialised logits); under "
+                                       "TRL's fused LM head the trainer's chunked loss runs instead, "
+                                       "fast_loss: fused_ce_liger replaces that too")
+        return model
+
+    def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
+        base = transformers_model(trainer.model)
+        if self.keys["fast_loss"] == "fused_ce_liger":
+            # TRL's SFTTrainer put its own fused-LM-head forward on the model after augment; ours answers both
+            rules = RULES[base.config.model_type]
+            lines = apply_rule(base, rules, "fast_loss", Options(fast_loss="fused_ce_liger"))
+            ctx.report.note(self.name, f"{lines[0][0]} also answers the trainer's fused_lm_head calls")
+        if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
+            from .checkpointing import enable_selective_checkpointing
+
+            enable_selective_checkpointing(base.base_model)
+            ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
+
+    def _note_runtime(self, ctx: TrainContext) -> None:
+        from .runtime import kernels_available
+
+        if not torch.cuda.is_available() and not kernels_available("cpu"):
+            ctx.report.note(self.name, "no GPU and TRITON_INTERPRET is not set: the Triton kernels fall back to "
+                                       "their plain-torch references (correct, not fast)")
+
+    def _with_lora(self, model, ctx: TrainContext):
+        """The model with LoRA layers: the quantisation plugin's, or added here from ``ctx.peft_config``."""
+        if _lora_layers(model):
+            return model
+        if ctx.peft_config is None:
+            raise PluginError("fused_lora: true needs LoRA adapters (peft_method: lora)")
+        from peft import get_peft_model
+
+        model = get_peft_model(model, ctx.peft_config)
+        ctx.peft_config = None
+        ctx.report.add(self.name, "LoRA applied by foak (so its layers can be fused)", len(_lora_layers(model)))
+        return model
+
+    def _check_base_layer(self, model) -> None:
+        from .base_layers import base_layer_kind
+
+        expected = self.keys["base_layer"]
+        for layer in _lora_layers(model):
+            try:
+                kind = base_layer_kind(layer.base_layer)
+            except TypeError as err:
+                raise PluginError(f"fused_lora: {err}") from err
+            if kind != expected:
+                raise PluginError(f"base_layer: {expected} but the LoRA base layers are "
+                                  f"{kind or 'plain nn.Linear'}; set base_layer: {kind or 'null'}")
+
+    def _note_unfused(self, base, ctx: TrainContext) -> None:
+        left = [name for name, m in base.named_modules() if m in _lora_layers(base) and not is_fused(m)]
+        if left:
+            shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+            ctx.report.note(self.name, f"{len(left)} LoRA layers outside the rule table keep PEFT's forward: {shown}")
+
+
+def build(spec, config) -> FusedOpsPlugin:
+    return FusedOpsPlugin(spec, config)
