@@ -91,7 +91,7 @@ def bench(
     sets: list[str] | None = typer.Option(
         None, "--set", help="Override an argument in every cell, key=value (YAML value); repeatable."
     ),
-    out: Path = typer.Option(Path("benchmark_results"), "--out", help="Results folder."),
+    out: Path = typer.Option(Path("outputs/bench"), "--out", help="Results folder."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds before a cell is stopped and recorded."),
     resume: bool = typer.Option(False, "--resume", help="Continue --out, skipping cells already recorded."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: run failed cells again."),
