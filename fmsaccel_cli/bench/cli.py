@@ -94,7 +94,7 @@ def bench(
     out: Path = typer.Option(Path("outputs/bench"), "--out", help="Results folder."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds before a cell is stopped and recorded."),
     resume: bool = typer.Option(False, "--resume", help="Continue --out, skipping cells already recorded."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: run failed cells again."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Resume, and run the failed cells again."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded cells and their count; run nothing."),
 ) -> None:
     """Run every cell of a scenarios matrix: scenario x framework config x model x batch size x GPU count."""

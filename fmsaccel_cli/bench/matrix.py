@@ -20,6 +20,7 @@ Where the seed silently dropped an unknown framework_config shortname, we stop w
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -300,28 +301,26 @@ def expand(
             named = bool(run_only_scenarios and scenario.name in run_only_scenarios) or (chosen_by_recipe and shortname)
             if scenario.slow and not named:
                 continue
-            for model in axes["model_name_or_path"]:
-                for data in axes["training_data_path"]:
-                    for effective in effective_batch_sizes:
-                        for gpus in num_gpus:
-                            try:
-                                effective_now, per_device, accumulation = _batch_sizes(
-                                    scenario, arguments, int(effective), int(gpus)
-                                )
-                            except _Impossible as e:
-                                if str(e) not in impossible:
-                                    impossible.append(str(e))
-                                continue
-                            cell_args = {"model_name_or_path": str(model)}
-                            if data is not None:
-                                cell_args["training_data_path"] = data
-                            cell_args.update(arguments)
-                            cell_args["per_device_train_batch_size"] = per_device
-                            if accumulation is not None:
-                                cell_args["gradient_accumulation_steps"] = accumulation
-                            cell = Cell(scenario.name, shortname, recipe, str(model), int(gpus), effective_now,
-                                        per_device, cell_args)
-                            if cell.cell_id not in seen:
-                                seen.add(cell.cell_id)
-                                cells.append(cell)
+            for model, data, effective, gpus in itertools.product(
+                axes["model_name_or_path"], axes["training_data_path"], effective_batch_sizes, num_gpus
+            ):
+                try:
+                    effective_now, per_device, accumulation = _batch_sizes(scenario, arguments, int(effective),
+                                                                           int(gpus))
+                except _Impossible as e:
+                    if str(e) not in impossible:
+                        impossible.append(str(e))
+                    continue
+                cell_args = {"model_name_or_path": str(model)}
+                if data is not None:
+                    cell_args["training_data_path"] = data
+                cell_args.update(arguments)
+                cell_args["per_device_train_batch_size"] = per_device
+                if accumulation is not None:
+                    cell_args["gradient_accumulation_steps"] = accumulation
+                cell = Cell(scenario.name, shortname, recipe, str(model), int(gpus), effective_now, per_device,
+                            cell_args)
+                if cell.cell_id not in seen:
+                    seen.add(cell.cell_id)
+                    cells.append(cell)
     return cells, impossible

@@ -330,6 +330,7 @@ def run_matrix(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = read_recorded(out_dir)
+    resume = resume or retry_failed
     if rows and not resume:
         raise BenchError(f"{out_dir / RESULTS_JSONL} already has {len(rows)} rows; pass --resume to continue it "
                          "or choose another --out")
