@@ -225,9 +225,18 @@ def flex_attention_packed(query, key, value, packing: Packing, scaling: float | 
     return out.transpose(1, 2)
 
 
+@dataclass(frozen=True)
+class _VarlenApi:
+    """torch's varlen_attn and what this torch version's signature offers."""
+
+    fn: Callable
+    causal: dict  # the causal keyword changed across versions
+    native_gqa: bool
+    has_scale: bool
+
+
 @functools.cache
-def _varlen_options() -> tuple[Callable, dict, bool]:
-    """torch's varlen_attn, its causal keyword (changed across torch versions) and GQA support."""
+def _varlen_api() -> _VarlenApi:
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
@@ -237,7 +246,7 @@ def _varlen_options() -> tuple[Callable, dict, bool]:
         causal = {"is_causal": True}  # torch 2.10
     else:
         raise RuntimeError(f"torch {torch.__version__}: varlen_attn has neither window_size nor is_causal")
-    return varlen_attn, causal, "enable_gqa" in params
+    return _VarlenApi(varlen_attn, causal, "enable_gqa" in params, "scale" in params)
 
 
 def _tokens_heads_dim(x: torch.Tensor) -> torch.Tensor:
@@ -253,18 +262,22 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def varlen_attention_packed(query, key, value, packing: Packing, scaling: float | None, dropout: float):
     if dropout:
         raise NotImplementedError("torch varlen attention has no dropout; set attention_dropout=0")
-    varlen_attn, causal, native_gqa = _varlen_options()
+    api = _varlen_api()
     q, k, v = (_tokens_heads_dim(t) for t in (query, key, value))
-    gqa = {}
+    extra = dict(api.causal)
     if _gqa(query, key):
-        if native_gqa:
-            gqa = {"enable_gqa": True}
+        if api.native_gqa:
+            extra["enable_gqa"] = True
         else:
             n_rep = q.shape[1] // k.shape[1]
             k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    if scaling is not None:
+        if api.has_scale:
+            extra["scale"] = scaling
+        else:  # the kernel applies 1/sqrt(D): fold the difference into q
+            q = q * (scaling * q.shape[-1] ** 0.5)
     cu, m = packing.cu_seqlens, packing.max_length
-    out = varlen_attn(q, k, v, cu, cu, m, m, scale=scaling, **causal, **gqa)
-    return out[None]
+    return api.fn(q, k, v, cu, cu, m, m, **extra)[None]
 
 
 def flash_attn_packed(query, key, value, packing: Packing, scaling: float | None, dropout: float):

@@ -118,8 +118,7 @@ def test_gqa_head_repeat_matches_transformers_order():
 def test_varlen_causal_keyword_is_found_for_this_torch():
     if A.backend_unavailable_reason("varlen", "cuda") == f"torch {torch.__version__} has no torch.nn.attention.varlen":
         pytest.skip("this torch has no torch.nn.attention.varlen")
-    _, causal, _ = A._varlen_options()
-    assert causal in ({"window_size": (-1, 0)}, {"is_causal": True})
+    assert A._varlen_api().causal in ({"window_size": (-1, 0)}, {"is_causal": True})
 
 
 def test_auto_picks_a_backend_that_runs_and_says_why():
@@ -166,3 +165,53 @@ def test_packing_metadata_from_positions():
     assert A.packing_from_position_ids(torch.arange(5)[None]) is None
     mask = A.block_causal_mask(packing, 6).int().tolist()
     assert mask[2] == [1, 1, 1, 0, 0, 0] and mask[3] == [0, 0, 0, 1, 0, 0] and mask[5] == [0, 0, 0, 0, 1, 1]
+
+
+def _per_sequence_sdpa(q, k, v, cu, scale=None):
+    """A CPU stand-in for a varlen kernel: [T, H, D] in and out, causal within each sequence."""
+    out = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                                    enable_gqa=True).transpose(0, 1))
+    return torch.cat(out)
+
+
+def _torch_2_13_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    assert window_size == (-1, 0) and (enable_gqa or q.shape[1] == k.shape[1])
+    return _per_sequence_sdpa(q, k, v, cu_q, scale)
+
+
+def _torch_2_10_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+    assert is_causal and q.shape[1] == k.shape[1], "this API has no GQA: KV heads must come repeated"
+    return _per_sequence_sdpa(q, k, v, cu_q)
+
+
+@pytest.mark.parametrize("api", ["2.13", "2.10"])
+def test_varlen_glue_for_each_torch_api(api, monkeypatch):
+    """Layout, GQA and scale handling around varlen_attn, with a CPU stand-in for the CUDA kernel."""
+    fake = A._VarlenApi(_torch_2_13_varlen, {"window_size": (-1, 0)}, True, True) if api == "2.13" else \
+        A._VarlenApi(_torch_2_10_varlen, {"is_causal": True}, False, False)
+    monkeypatch.setattr(A, "_varlen_api", lambda: fake)
+    q, k, v, batch = _packed_qkv((4, 1, 7))
+    packing = A.Packing(batch["cu_seq_lens_q"], batch["max_length_q"])
+    for scaling in (None, 0.5):
+        got = A.varlen_attention_packed(q, k, v, packing, scaling, 0.0)
+        expected = A.sdpa_masked_attention(q, k, v, packing, scaling, 0.0)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_flash_attn_glue(monkeypatch):
+    """Layout and keywords around flash_attn_varlen_func, with a CPU stand-in for the CUDA kernel."""
+    import sys
+    import types
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert causal and dropout_p == 0.0 and cu_q is cu_k and max_q == max_k == 7
+        return _per_sequence_sdpa(q, k, v, cu_q, softmax_scale)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    q, k, v, batch = _packed_qkv((4, 1, 7))
+    packing = A.Packing(batch["cu_seq_lens_q"], batch["max_length_q"])
+    got = A.flash_attn_packed(q, k, v, packing, 0.3, 0.0)
+    torch.testing.assert_close(got, A.sdpa_masked_attention(q, k, v, packing, 0.3, 0.0), atol=1e-5, rtol=1e-4)
