@@ -73,6 +73,7 @@ def test_quantized_tiny_model_is_close_to_full_precision(method, act_order, tiny
     out = quantize_model(str(source), tmp_path / "q", method=method, group_size=32, act_order=act_order,
                          calib_samples=8, seq_len=64, progress=lines.append)
     assert sum(line.startswith("layer ") for line in lines) == 2
+    assert (method == "gptq") == any("calibrating on random tokens" in line for line in lines)  # no tokenizer
 
     model = load_quantized(out, dtype=torch.float32, device="cpu")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
@@ -110,20 +111,33 @@ def test_output_is_the_standard_layout_and_shards(tiny_checkpoint, tmp_path, mon
     torch.testing.assert_close(layer.dequantize(torch.float32), expected, rtol=0, atol=0)
 
 
-def test_builtin_shape_with_calibration_file(tmp_path):
-    """A built-in shape name quantises layer by layer from random init, calibrated on tokenised text."""
+def test_builtin_shape_calibrates_on_shipped_data(tmp_path):
+    """A built-in shape name quantises layer by layer from random init; its tokenizer reads the shipped data."""
     from fmsaccel_cli import models
 
-    calib = tmp_path / "calib.jsonl"
-    calib.write_text("\n".join(json.dumps({"text": f"sample {i}: the quick brown fox jumps"}) for i in range(20)))
-    out = quantize_model("tiny-llama", tmp_path / "q", method="gptq", group_size=32, calib_data=calib,
-                         calib_samples=4, seq_len=32, progress=lambda m: None)
+    lines = []
+    out = quantize_model("tiny-llama", tmp_path / "q", method="gptq", group_size=32, calib_samples=4, seq_len=32,
+                         progress=lines.append)
+    assert any("calibrating on the shipped word_tasks.jsonl" in line for line in lines)
     assert (out / "tokenizer.json").exists()
     model = load_quantized(out, dtype=torch.bfloat16, device="cpu")
     assert model.config.hidden_size == models.SHAPES["tiny-llama"]["hidden_size"]
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt"])
+def test_calibration_files(suffix, tmp_path):
+    from fmsaccel_cli import models
+
+    rows = [{"text": f"sample {i}: the quick brown fox jumps over the lazy dog"} for i in range(10)]
+    file = tmp_path / f"calib{suffix}"
+    file.write_text({".jsonl": "\n".join(json.dumps(r) for r in rows), ".json": json.dumps(rows),
+                     ".txt": " ".join(r["text"] for r in rows)}[suffix])
+    source = quantize._Source(models.build_config("tiny-llama"), None, models.TOKENIZER_DIR, "tiny-llama")
+    ids = quantize._calibration_ids(source, file, samples=3, seq_len=16, seed=0, progress=lambda m: None)
+    assert ids.shape == (3, 16) and ids.max() < source.config.vocab_size
 
 
 def test_quantize_refuses_bad_requests(tiny_checkpoint, tmp_path):
@@ -138,7 +152,7 @@ def test_quantize_refuses_bad_requests(tiny_checkpoint, tmp_path):
         quantize_model("no-such-model", tmp_path / "a")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ValueError, match="exists and is not empty"):
         quantize_model(str(source), tmp_path / "full")
     out = quantize_model(str(source), tmp_path / "q", method="rtn", progress=lambda m: None)
     with pytest.raises(ValueError, match="already quantised"):

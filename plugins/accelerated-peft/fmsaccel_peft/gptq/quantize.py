@@ -156,7 +156,9 @@ def _load_source(name_or_path: str) -> _Source:
     if (path / "config.json").exists():
         if is_quantized_checkpoint(path):
             raise ValueError(f"{path} is already quantised")
-        return _Source(AutoConfig.from_pretrained(path), CheckpointTensors(path), path, path.name)
+        has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        return _Source(AutoConfig.from_pretrained(path), CheckpointTensors(path), path if has_tokenizer else None,
+                       path.name)
     from fmsaccel_cli import models
 
     if models.is_shape(name_or_path):
@@ -220,14 +222,25 @@ def _read_texts(file: Path) -> list[str]:
     return texts
 
 
+def _shipped_calibration_data() -> Path | None:
+    try:
+        from fmsaccel_cli import models
+    except ImportError:
+        return None
+    path = models.ASSETS / "word_tasks.jsonl"
+    return path if path.exists() else None
+
+
 def _calibration_ids(source: _Source, calib_data, samples: int, seq_len: int, seed: int, progress) -> torch.Tensor:
     """``[samples, seq_len]`` token ids: windows of the tokenised calibration file, or random tokens."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = source.config.vocab_size
     if calib_data is None:
-        progress("no calibration data given: using random tokens (fine for random-weight benchmark shapes, "
-                 "poor for real models: pass --calib-data)")
-        return torch.randint(0, vocab, (samples, seq_len), generator=generator)
+        calib_data = _shipped_calibration_data() if source.tokenizer_dir is not None else None
+        if calib_data is None:
+            progress("no calibration data and no tokenizer: calibrating on random tokens (fine for random-weight "
+                     "benchmark shapes, poor for real models)")
+            return torch.randint(0, source.config.vocab_size, (samples, seq_len), generator=generator)
+        progress(f"calibrating on the shipped {calib_data.name}; pass --calib-data for text like your own")
     from transformers import AutoTokenizer
 
     if source.tokenizer_dir is None:
@@ -374,8 +387,9 @@ def quantize_model(
     """Quantise a checkpoint folder or built-in shape name to a 4-bit GPTQ checkpoint in ``out_dir``.
 
     ``method="rtn"`` needs no calibration data; ``"gptq"`` uses ``calib_samples`` windows of
-    ``seq_len`` tokens from ``calib_data`` (.txt, .json or .jsonl with a ``text`` field), or
-    random tokens without it. Returns the output folder.
+    ``seq_len`` tokens from ``calib_data`` (.txt, .json or .jsonl with a ``text`` field; by
+    default the shipped word-task data, or random tokens when the source has no tokenizer).
+    Returns the output folder.
     """
     progress = progress or (lambda message: print(f"[fmsaccel quantize] {message}", flush=True))
     if method not in METHODS:
@@ -389,7 +403,7 @@ def quantize_model(
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty")
+            raise ValueError(f"{out} exists and is not empty; choose another output folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
