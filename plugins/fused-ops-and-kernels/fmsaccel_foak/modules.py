@@ -173,7 +173,6 @@ def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callabl
             extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
                                        ("num_items_in_batch", num_items_in_batch)) if v is not None}
             return original(self, *args, **kwargs, **extra)
-        kwargs["use_cache"] = False
         kwargs.pop("logits_to_keep", None)
         if aux_loss is not None and getattr(self.config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)

@@ -7,6 +7,7 @@ anything imports triton (pytest loads this file before the test modules).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -15,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.insert(0, os.path.dirname(__file__))  # foak_testing (shared helpers) under --import-mode=importlib
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,243 @@
+"""The rule table applied to tiny models of every supported architecture gives the unpatched logits and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fmsaccel_foak import ops
+from fmsaccel_foak.spec import FOAK
+from fmsaccel_framework.plugin import PluginError, TrainContext
+from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
+from peft import LoraConfig, get_peft_model
+
+PATH = "training.fused_ops_and_kernels"
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "granite"]
+MOE = ["mixtral", "granitemoe"]
+ALL_KERNELS = dict(fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True, fast_loss="fused_ce_liger")
+
+
+def build(path: str = PATH, **keys):
+    values = {k: v.default for k, v in FOAK.paths[path].items()}
+    values.update(keys)
+    return FOAK.build({path: values})
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count the fused ops the patched model really calls (a patch that is never reached must not pass)."""
+    counts: dict[str, int] = {}
+    for name in ("rms_norm", "rope", "swiglu", "swiglu_packed", "cross_entropy", "token_logprobs", "fused_lora"):
+        original = getattr(ops, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    return counts
+
+
+def _batch(seed: int = 0, batch: int = 2, seq: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return ids.to(DEVICE), labels.to(DEVICE)
+
+
+def _step(model, **inputs):
+    """Loss and the gradients of everything trainable, after one forward/backward in train mode."""
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(11)  # LoRA dropout masks
+    out = model(**inputs)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(got, want, atol=1e-5):
+    got_loss, got_grads = got
+    want_loss, want_grads = want
+    torch.testing.assert_close(got_loss, want_loss, atol=atol, rtol=atol)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", DENSE + MOE)
+def test_kernels_match_unpatched(arch, calls):
+    """Full fine-tuning: RMSNorm, RoPE, SwiGLU and the chunked linear+CE loss; eval logits unchanged."""
+    model = tiny_model(arch)
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    want_logits = model.eval()(input_ids=ids).logits
+    ctx = TrainContext(args={})
+    model = build(**ALL_KERNELS).augment(model, ctx)
+    _assert_same(_step(model, input_ids=ids, labels=labels), want)
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, want_logits, atol=1e-5, rtol=1e-5)
+    swiglu = "swiglu_packed" if arch in MOE else "swiglu"
+    assert {"rms_norm", "rope", swiglu, "token_logprobs"} <= calls.keys()
+    assert ctx.report.count("fused-ops-and-kernels") >= 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "granite"])
+def test_fast_loss_triton_cross_entropy(arch, calls):
+    """fast_loss: true keeps the logits and swaps the model's loss_function (Granite: on scaled logits)."""
+    model = tiny_model(arch)
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    model = build(fast_loss=True).augment(model, TrainContext(args={}))
+    _assert_same(_step(model, input_ids=ids, labels=labels), want)
+    assert calls.get("cross_entropy") == 1
+
+
+def test_moe_router_aux_loss_is_kept(calls):
+    model = tiny_model("mixtral", output_router_logits=True, router_aux_loss_coef=0.1)
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    model = build(fast_loss="fused_ce_liger").augment(model, TrainContext(args={}))
+    _assert_same(_step(model, input_ids=ids, labels=labels), want)
+
+
+def _lora(model, targets):
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("arch,base_layer", [(a, None) for a in DENSE + MOE]
+                         + [("llama", "bitsandbytes"), ("llama", "auto_gptq")])
+def test_fused_lora_matches_peft(arch, base_layer, calls):
+    """LoRA (dropout 0.1) on attention, and the MLP of dense models, with every kernel on."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + ([] if arch in MOE else ["gate_proj", "up_proj"])
+    model = _lora(quantize_decoder(tiny_model(arch), base_layer), targets)
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    ctx = TrainContext(args={"gradient_checkpointing": False})
+    model = build(base_layer=base_layer, fused_lora=True, **ALL_KERNELS).augment(model, ctx)
+    _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5)
+    layers = 2
+    assert calls["fused_lora"] == layers * (2 if arch in MOE else 4)  # qkv + o (+ gate/up + down)
+    assert not any("outside the rule table" in note for _, note in ctx.report.notes)
+
+
+def test_packed_position_ids_match_unpatched(calls):
+    """Padding-free packing: positions restart inside a row; the patched RoPE must follow them.
+
+    ``use_cache=False`` as trainers pass it: transformers then masks attention per packed example.
+    """
+    model = tiny_model("llama")
+    ids, labels = _batch(batch=1, seq=14)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5]], device=DEVICE)
+    inputs = dict(input_ids=ids, labels=labels, position_ids=positions, use_cache=False)
+    want = _step(model, **inputs)
+    model = build(**ALL_KERNELS).augment(model, TrainContext(args={}))
+    _assert_same(_step(model, **inputs), want)
+    assert calls["rope"] == 2
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 8},
+])
+def test_rope_scaling_matches_unpatched(rope_parameters):
+    model = tiny_model("llama", rope_parameters=rope_parameters)
+    ids, labels = _batch(seq=20)  # longer than original_max_position_embeddings: dynamic scaling kicks in
+    want = _step(model, input_ids=ids, labels=labels)
+    model = build(fast_rope_embeddings=True).augment(model, TrainContext(args={}))
+    _assert_same(_step(model, input_ids=ids, labels=labels), want)
+
+
+def test_trl_fused_lm_head_protocol():
+    """After prepare_trainer, the model answers TRL's ``fused_lm_head=True`` calls like TRL's own fused head."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    if not hasattr(trl_utils, "add_fused_lm_head"):
+        pytest.skip("this trl has no fused LM head")
+    ids, labels = _batch()
+    reference = tiny_model("granite")
+    trl_utils.add_fused_lm_head(reference, outputs=("log_probs", "entropy", "is_top1"))
+    reference.train()
+    want = reference(input_ids=ids, labels=labels, fused_lm_head=True)
+    want.loss.backward()
+    model = tiny_model("granite")
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    plugin, ctx = build(fast_loss="fused_ce_liger"), TrainContext(args={})
+    model = plugin.augment(model, ctx)
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    model.train()
+    got = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    got.loss.backward()
+    for field in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=1e-5, rtol=1e-5, msg=field)
+    assert torch.equal(got.is_top1, want.is_top1) and torch.equal(got.label_mask, want.label_mask)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_selective_checkpointing_keeps_gradients():
+    model = tiny_model("llama")
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    ctx = TrainContext(args={"gradient_checkpointing": True})
+    plugin = build(**ALL_KERNELS)
+    model = plugin.augment(model, ctx)
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    model.gradient_checkpointing_enable()
+    _assert_same(_step(model, input_ids=ids, labels=labels), want)
+    assert all(getattr(layer._gradient_checkpointing_func, "_foak_selective", False) for layer in model.model.layers)
+
+
+def test_report_lists_every_replacement():
+    model = _lora(quantize_decoder(tiny_model("llama"), "bitsandbytes"), ["q_proj", "k_proj", "v_proj", "o_proj"])
+    ctx = TrainContext(args={})
+    build(base_layer="bitsandbytes", fused_lora=True, **ALL_KERNELS).augment(model, ctx)
+    lines = "\n".join(ctx.report.lines())
+    for expected in ("LlamaRMSNorm.forward -> triton rms_norm: 5", "apply_rotary_pos_emb -> triton rope",
+                     "LlamaAttention q/k/v -> one fused LoRA op, o_proj fused: 2",
+                     "LlamaMLP gate/up -> one fused op + triton swiglu, down fused: 2",
+                     "LlamaForCausalLM.forward -> chunked fused linear+cross-entropy"):
+        assert expected in lines, lines
+
+
+# --- errors --------------------------------------------------------------------------------------------------------
+def test_unsupported_architecture_is_an_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(PluginError, match=r"fast_rms_layernorm has no rule for architecture 'gpt2'; supported: .*"):
+        build(fast_rms_layernorm=True).augment(model, TrainContext(args={}))
+
+
+def test_fused_lora_needs_lora():
+    with pytest.raises(PluginError, match="needs LoRA"):
+        build(fused_lora=True).augment(tiny_model("llama"), TrainContext(args={}))
+
+
+def test_fused_lora_applies_peft_itself():
+    """bf16 LoRA: without a quantisation plugin foak adds the adapters, so it can fuse them (TRL then skips PEFT)."""
+    ctx = TrainContext(args={}, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = build(fused_lora=True).augment(tiny_model("llama"), ctx)
+    assert ctx.peft_config is None and hasattr(model, "get_base_model")
+
+
+def test_base_layer_mismatch_is_an_error():
+    model = _lora(quantize_decoder(tiny_model("llama"), "bitsandbytes"), ["q_proj"])
+    with pytest.raises(PluginError, match="base_layer: auto_gptq but the LoRA base layers are bitsandbytes"):
+        build(base_layer="auto_gptq", fused_lora=True).augment(model, TrainContext(args={}))
+
+
+def test_swiglu_on_eager_experts_is_an_error():
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("eager")
+    with pytest.raises(PluginError, match="fast_swiglu .* needs experts_implementation grouped_mm or batched_mm"):
+        build(fast_swiglu=True).augment(model, TrainContext(args={}))
+
+
+def test_one_config_path_only():
+    values = {k: v.default for k, v in FOAK.paths[PATH].items()}
+    with pytest.raises(PluginError, match="exactly one"):
+        FOAK.build({PATH: values, "peft.quantization.fused_ops_and_kernels": values})
