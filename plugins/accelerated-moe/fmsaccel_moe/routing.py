@@ -33,7 +33,7 @@ class Routing:
     ends: torch.Tensor
     num_experts: int
     top_k: int
-    _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_rows(self) -> int:
@@ -47,6 +47,14 @@ class Routing:
     def starts(self) -> torch.Tensor:
         return self.ends - self.counts
 
+    def inverse(self) -> torch.Tensor:
+        """[S] sorted row of each slot: ``rows[inverse()]`` puts sorted rows back in slot order."""
+        if "inverse" not in self._cache:
+            inv = torch.empty_like(self.slot)
+            inv[self.slot.long()] = torch.arange(self.num_rows, device=self.slot.device, dtype=self.slot.dtype)
+            self._cache["inverse"] = inv.long()
+        return self._cache["inverse"]
+
     def blocks(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row tiles of ``block_m`` rows that never straddle two experts.
 
@@ -54,7 +62,7 @@ class Routing:
         ``cdiv(S, block_m) + E`` tiles, an upper bound known without a host sync;
         unused tiles have expert ``-1``.
         """
-        if block_m not in self._blocks:
+        if block_m not in self._cache:
             e = self.num_experts
             tiles_per_expert = (self.counts + block_m - 1) // block_m
             tile_ends = tiles_per_expert.cumsum(0)
@@ -66,8 +74,8 @@ class Routing:
             first_tile = (tile_ends - tiles_per_expert)[owner]
             start = self.starts[owner] + (tile - first_tile) * block_m
             block_expert = torch.where(valid, owner, -1).to(torch.int32)
-            self._blocks[block_m] = (block_expert, start.to(torch.int32))
-        return self._blocks[block_m]
+            self._cache[block_m] = (block_expert, start.to(torch.int32))
+        return self._cache[block_m]
 
 
 def triton_cdiv(a: int, b: int) -> int:

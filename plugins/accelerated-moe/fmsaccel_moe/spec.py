@@ -9,6 +9,12 @@ MOE = PluginSpec(
         "training.moe.scattermoe": {
             "ep_degree": ConfigKey(int, default=1, help="expert-parallel degree (ranks sharing the experts)"),
             "disable_distributed": ConfigKey(bool, default=False, help="keep all experts on every rank"),
+            "backend": ConfigKey(
+                str,
+                default="auto",
+                choices=("auto", "triton", "grouped_mm"),
+                help="expert GEMMs: Triton ScatterMoE kernels, torch grouped_mm, or the faster of the two (timed)",
+            ),
         }
     },
     factory="fmsaccel_moe.plugin:build",

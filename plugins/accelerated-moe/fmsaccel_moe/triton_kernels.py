@@ -30,9 +30,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 experts get exact fp32 products (like cuBLAS default); bf16/fp16 ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    """Multiply in exact fp32: for fp32 experts (like cuBLAS's default, no TF32), and always in
+    the interpreter, whose ``tl.dot`` mishandles bf16 operands."""
+    return dtype == torch.float32 or interpreting()
 
 
 def _row_block(routing: Routing) -> int:
@@ -70,7 +71,7 @@ def _expert_mm_kernel(
     SCATTER: tl.constexpr,
     SWIGLU: tl.constexpr,
     SCALE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -105,7 +106,10 @@ def _expert_mm_kernel(
             gate = a.to(tl.float32)
             a = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
         w = tl.load(w_base + ks[:, None].to(tl.int64) * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
 
     if SCALE:
         scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -190,7 +194,7 @@ def expert_mm(
         out.stride(1),
     )
     flags = dict(GATHER=gather, SCATTER=scatter, SWIGLU=swiglu, SCALE=row_scale is not None)
-    flags["PRECISION"] = _precision(a.dtype)
+    flags["DOT_FP32"] = _dot_fp32(a.dtype)
     if interpreting():
         grid = (block_expert.numel(), triton.cdiv(n, 32))
         _expert_mm_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=16)
@@ -227,7 +231,7 @@ def _expert_xty_kernel(
     GATHER_B: tl.constexpr,
     SWIGLU_B: tl.constexpr,
     SCALE_A: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -268,7 +272,10 @@ def _expert_xty_kernel(
             up = tl.load(b_ptr + b_rows[:, None] * stride_br + (ns[None, :] + N) * stride_bn, mask=b_mask, other=0.0)
             gate = b.to(tl.float32)
             b = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(b_ptr.dtype.element_ty)
-        acc += tl.dot(a, b, input_precision=PRECISION)
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -325,7 +332,7 @@ def expert_xty(
         out.stride(2),
     )
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SWIGLU_B=swiglu_b, SCALE_A=a_row_scale is not None)
-    flags["PRECISION"] = _precision(a.dtype)
+    flags["DOT_FP32"] = _dot_fp32(a.dtype)
     if interpreting():
         grid = (routing.num_experts, triton.cdiv(m, 32), triton.cdiv(n, 32))
         _expert_xty_kernel[grid](*args, **flags, BLOCK_M=32, BLOCK_N=32, BLOCK_R=16)

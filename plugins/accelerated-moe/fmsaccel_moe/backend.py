@@ -1,0 +1,88 @@
+"""Pick the GEMM engine for the experts: our Triton kernels or torch's ``grouped_mm``.
+
+Both run the same memory plan (``ops``); they differ in who does the grouped GEMMs.
+With ``backend: auto`` on a GPU, one forward+backward of each distinct expert shape
+is timed with both at the run's token count, and the faster one is used and reported.
+Without a GPU, Triton only runs under ``TRITON_INTERPRET=1`` (tests), so ``auto``
+means torch there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fmsaccel_framework.plugin import PluginError
+
+from .ops import routed_experts
+from .torch_kernels import grouped_mm_name
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    num_experts: int
+    hidden: int
+    intermediate: int
+    top_k: int
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"E={self.num_experts} H={self.hidden} I={self.intermediate} top-{self.top_k} {dtype}"
+
+
+def triton_usable() -> bool:
+    from .triton_kernels import interpreting
+
+    return torch.cuda.is_available() or interpreting()
+
+
+def resolve_backend(requested: str, shapes: set[ExpertShape], tokens: int) -> tuple[str, str]:
+    """``(backend, why)`` for a run whose MoE layers have ``shapes``."""
+    torch_name = grouped_mm_name() or "a per-expert torch.mm loop"
+    if requested == "triton":
+        if not triton_usable():
+            raise PluginError("accelerated-moe: backend 'triton' needs a GPU (or TRITON_INTERPRET=1 for tests)")
+        return "triton", "Triton ScatterMoE kernels (requested)"
+    if requested == "grouped_mm":
+        return "grouped_mm", f"{torch_name} (requested)"
+    if requested != "auto":
+        raise PluginError(f"accelerated-moe: unknown backend {requested!r} (auto, triton, grouped_mm)")
+    if not torch.cuda.is_available():
+        return "grouped_mm", f"no GPU: {torch_name} on the CPU"
+    timings = {name: sum(_time_backend(name, shape, tokens) for shape in shapes) for name in ("triton", "grouped_mm")}
+    best = min(timings, key=timings.get)
+    detail = ", ".join(f"{name} {ms:.2f} ms" for name, ms in timings.items())
+    shapes_text = "; ".join(str(s) for s in sorted(shapes, key=str))
+    return best, f"auto: fwd+bwd per layer at {tokens} tokens ({shapes_text}): {detail} -> {best}"
+
+
+def _time_backend(backend: str, shape: ExpertShape, tokens: int, repeats: int = 5) -> float:
+    """Milliseconds for one forward+backward of one MoE layer on random routing."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    e, h, i, k = shape.num_experts, shape.hidden, shape.intermediate, shape.top_k
+    gate_up = (torch.randn(e, 2 * i, h, device=device, generator=gen) * h**-0.5).to(shape.dtype).requires_grad_()
+    down = (torch.randn(e, h, i, device=device, generator=gen) * i**-0.5).to(shape.dtype).requires_grad_()
+    x = torch.randn(tokens, h, device=device, generator=gen).to(shape.dtype).requires_grad_()
+    logits = torch.randn(tokens, e, device=device, generator=gen)
+    weights, index = logits.softmax(-1).topk(k, dim=-1)
+    grad = torch.randn(tokens, h, device=device, generator=gen).to(shape.dtype)
+
+    def step():
+        out = routed_experts(x, index, weights, gate_up, down, backend=backend)
+        out.backward(grad)
+
+    for _ in range(2):  # the first call autotunes the Triton kernels
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1000 / repeats
+    del gate_up, down, x, grad
+    torch.cuda.empty_cache()
+    return elapsed

@@ -1,0 +1,141 @@
+"""Routed SwiGLU experts as two autograd functions over the expert primitives.
+
+``routed_experts`` is what a patched experts module runs:
+
+    gate_up[r] = x[token(r)] @ W_gate_up[e(r)]^T             (ExpertLinear, input gathered)
+    out[t]     = sum_k w[t,k] * (silu(gate) * up)[r] @ W_down[e]^T   (SwigluDownCombine)
+
+What autograd keeps per layer is ``x`` (already kept by the layer before) and
+``gate_up``; the gathered token copies, the SwiGLU output and the per-slot down
+projection rows are never stored (the routing-weight gradient is recovered as
+``<d_out @ W_down, silu(gate) * up>``). Hugging Face's ``grouped_mm`` path keeps all of
+them.
+
+A backend is a module with ``expert_mm``, ``expert_xty`` and ``swiglu_backward``:
+``triton_kernels`` ("triton") or ``torch_kernels`` ("grouped_mm").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from . import torch_kernels
+from .routing import Routing, route
+
+BACKENDS = ("triton", "grouped_mm")
+
+
+def backend_module(name: str) -> ModuleType:
+    if name == "grouped_mm":
+        return torch_kernels
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels
+    raise ValueError(f"unknown MoE backend {name!r}; expected one of {BACKENDS}")
+
+
+class ExpertLinear(torch.autograd.Function):
+    """``y[r] = x[row(r)] @ W[e(r)]^T`` in sorted-row order (rows gathered from tokens with ``gather``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, routing: Routing, gather: bool, backend: ModuleType):
+        ctx.save_for_backward(x, weight)
+        ctx.routing, ctx.gather, ctx.backend = routing, gather, backend
+        return backend.expert_mm(x, weight, routing, gather=gather)
+
+    @staticmethod
+    def backward(ctx, d_y):
+        x, weight = ctx.saved_tensors
+        routing, gather, backend = ctx.routing, ctx.gather, ctx.backend
+        d_y = d_y.contiguous()
+        d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_rows = backend.expert_mm(d_y, weight, routing, transpose_weight=True, scatter=gather)
+            d_x = _sum_slots(d_rows, routing) if gather else d_rows
+        if ctx.needs_input_grad[1]:
+            d_w = backend.expert_xty(d_y, x, routing, gather_b=gather)
+        return d_x, d_w, None, None, None
+
+
+class SwigluDownCombine(torch.autograd.Function):
+    """``out[t] = sum_k w[t,k] * swiglu(gate_up[r]) @ W_down[e(r)]^T`` (no weights: ``K == 1``, unscaled)."""
+
+    @staticmethod
+    def forward(ctx, gate_up, down, routing: Routing, weights, backend: ModuleType):
+        ctx.save_for_backward(gate_up, down, weights)
+        ctx.routing, ctx.backend = routing, backend
+        rows = backend.expert_mm(gate_up, down, routing, swiglu=True, scatter=True, row_scale=weights)
+        return _sum_slots(rows, routing)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        gate_up, down, weights = ctx.saved_tensors
+        routing, backend = ctx.routing, ctx.backend
+        d_out = d_out.to(down.dtype).contiguous()
+        # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
+        g = backend.expert_mm(d_out, down, routing, gather=True, transpose_weight=True)
+        d_gate_up, d_weights = backend.swiglu_backward(gate_up, g, weights)
+        d_down = None
+        if ctx.needs_input_grad[1]:
+            d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
+        if d_weights is not None:
+            d_weights = d_weights.to(weights.dtype)
+        return d_gate_up, d_down, None, d_weights, None
+
+
+def _sum_slots(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``[T*K, D]`` slot-order rows -> ``[T, D]`` (fp32 accumulation, like Hugging Face's)."""
+    if routing.top_k == 1:
+        return rows
+    return rows.view(routing.num_tokens, routing.top_k, -1).sum(1, dtype=torch.float32).to(rows.dtype)
+
+
+@dataclass
+class ExpertLoRA:
+    """One low-rank update per expert: ``delta W[e] = scale * b[e] @ a[e]``."""
+
+    a: torch.Tensor  # [E, r, in]
+    b: torch.Tensor  # [E, out, r]
+    scale: float
+
+
+def _lora_rows(x, lora: ExpertLoRA, routing: Routing, gather: bool, backend: ModuleType) -> torch.Tensor:
+    low = ExpertLinear.apply(x, lora.a.to(x.dtype), routing, gather, backend)
+    return ExpertLinear.apply(low, lora.b.to(x.dtype), routing, False, backend) * lora.scale
+
+
+def routed_experts(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor | None,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    backend: str = "triton",
+    lora_gate_up: ExpertLoRA | None = None,
+    lora_down: ExpertLoRA | None = None,
+) -> torch.Tensor:
+    """SwiGLU experts over ``[T, H]`` tokens routed to ``top_k_index`` ([T, K]).
+
+    ``gate_up_proj: [E, 2I, H]`` and ``down_proj: [E, H, I]`` in Hugging Face's layout.
+    ``top_k_weights=None`` leaves the rows unscaled (expert parallelism scales them on
+    the rank that owns the tokens).
+    """
+    impl = backend_module(backend)
+    routing = route(top_k_index, gate_up_proj.size(0))
+    x = hidden_states.to(gate_up_proj.dtype)
+    gate_up = ExpertLinear.apply(x, gate_up_proj, routing, True, impl)
+    if lora_gate_up is not None:
+        gate_up = gate_up + _lora_rows(x, lora_gate_up, routing, True, impl)
+    weights = None if top_k_weights is None else top_k_weights.reshape(-1)[routing.slot.long()]
+    out = SwigluDownCombine.apply(gate_up, down_proj, routing, weights, impl)
+    if lora_down is not None:
+        delta = _lora_rows(torch_kernels.swiglu_rows(gate_up), lora_down, routing, False, impl)
+        if weights is not None:
+            delta = delta * weights[:, None]
+        out = out + _sum_slots(delta[routing.inverse()], routing)
+    return out.to(hidden_states.dtype)

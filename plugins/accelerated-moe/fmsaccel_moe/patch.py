@@ -1,0 +1,75 @@
+"""Install the ScatterMoE forward on each experts module found by the rule table.
+
+The forward goes on the module the MoE block calls (``block.experts``): the experts
+module itself or, with LoRA on expert parameters, PEFT's outermost ``ParamWrapper``,
+whose own forward (a dense ``W + B @ A`` per call) is thereby bypassed. Per-module
+settings live on the experts module as ``_fmsaccel_moe``.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+
+from .expert_parallel import EPShard, ep_routed_experts
+from .lora import expert_lora_factors
+from .ops import routed_experts
+from .rules import MoESite, unwrap
+
+
+@dataclass
+class ExpertsSettings:
+    backend: str  # "triton" | "grouped_mm"
+    shard: EPShard | None = None
+
+
+def scattermoe_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Drop-in for ``<Arch>Experts.forward(hidden_states, top_k_index, top_k_weights)``."""
+    experts = unwrap(self)
+    settings: ExpertsSettings = experts._fmsaccel_moe
+    lora = expert_lora_factors(self) if self is not experts else {}
+    if settings.shard is not None:
+        return ep_routed_experts(
+            hidden_states,
+            top_k_index,
+            top_k_weights,
+            experts.gate_up_proj,
+            experts.down_proj,
+            settings.shard,
+            num_experts=experts._fmsaccel_num_experts,
+            backend=settings.backend,
+        )
+    return routed_experts(
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        experts.gate_up_proj,
+        experts.down_proj,
+        backend=settings.backend,
+        lora_gate_up=lora.get("gate_up_proj"),
+        lora_down=lora.get("down_proj"),
+    )
+
+
+def is_patched(module: torch.nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is scattermoe_forward
+
+
+def patch_site(site: MoESite, settings: ExpertsSettings) -> bool:
+    """Patch one block's experts; False when it already was (idempotent, e.g. after PEFT wrapped it)."""
+    site.experts._fmsaccel_moe = settings
+    head = site.head
+    if is_patched(head):
+        return False
+    head.forward = types.MethodType(scattermoe_forward, head)
+    return True
+
+
+def unpatch_site(site: MoESite) -> None:
+    for module in (site.head, site.experts):
+        module.__dict__.pop("forward", None)

@@ -1,0 +1,148 @@
+"""The accelerated-MoE plugin: ScatterMoE experts, LoRA on experts, expert parallelism.
+
+``augment`` (after the PEFT loaders and the other kernels):
+1. finds the MoE blocks through the rule table (a clear error for anything else);
+2. when the LoRA config names ``experts``, applies PEFT itself with the experts as
+   ``target_parameters`` (``ctx.peft_config`` becomes None);
+3. with ``ep_degree > 1``, shards the experts over the EP group;
+4. picks the GEMM backend and replaces each experts module's forward;
+5. keeps the auxiliary load-balancing loss in the loss when the run asks for it.
+
+``prepare_trainer`` (sharded experts only) tells DDP to leave the shards alone,
+averages their gradients, makes gradient clipping use the whole model's norm and
+gathers the shards whenever the trainer saves.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
+
+from . import expert_parallel
+from .backend import ExpertShape, resolve_backend
+from .lora import expert_lora_config, wants_expert_lora
+from .patch import ExpertsSettings, is_patched, patch_site
+from .rules import find_moe_sites
+
+CONFIG_PATH = "training.moe.scattermoe"
+
+
+class MoEPlugin(AccelerationPlugin):
+    def __init__(self, spec, config):
+        super().__init__(spec, config)
+        keys = config[CONFIG_PATH]
+        self.ep_degree: int = int(keys["ep_degree"])
+        self.disable_distributed: bool = bool(keys["disable_distributed"])
+        self.backend: str = keys.get("backend", "auto")
+        if self.ep_degree < 1:
+            raise PluginError(f"accelerated-moe: ep_degree must be >= 1, got {self.ep_degree}")
+        self.shard: expert_parallel.EPShard | None = None
+        self.hooks: list = []
+
+    def augment(self, model, ctx: TrainContext):
+        sites = find_moe_sites(model)
+        rule, experts_class = sites[0].rule, type(sites[0].experts).__name__
+        sharded = self.ep_degree > 1 and not self.disable_distributed
+        if self.ep_degree > 1 and self.disable_distributed:
+            ctx.report.note(self.name, f"disable_distributed: ep_degree={self.ep_degree} ignored, experts replicated")
+
+        if ctx.peft_config is not None and wants_expert_lora(ctx.peft_config, rule):
+            if sharded:
+                raise PluginError("accelerated-moe: LoRA on experts with ep_degree > 1 is not supported")
+            from peft import get_peft_model
+
+            model = get_peft_model(model, expert_lora_config(ctx.peft_config, rule))
+            ctx.peft_config = None
+            sites = find_moe_sites(model)
+            ctx.report.add(self.name, f"{experts_class} gate_up_proj/down_proj -> per-expert LoRA (PEFT)", len(sites))
+        if sharded and any(site.head is not site.experts for site in sites):
+            raise PluginError("accelerated-moe: LoRA on experts with ep_degree > 1 is not supported")
+
+        if sharded:
+            self.shard = expert_parallel.init_expert_parallel(self.ep_degree)
+            for site in sites:
+                expert_parallel.shard_experts(site.experts, self.shard)
+            ctx.report.note(
+                self.name,
+                f"expert parallel: {self.ep_degree} ranks share the experts, "
+                f"{sites[0].experts.gate_up_proj.size(0)} per rank, all-to-all token exchange",
+            )
+
+        shapes = {_shape(site, model.config) for site in sites}
+        tokens = int(ctx.args.get("per_device_train_batch_size", 8)) * int(ctx.args.get("max_seq_length", 1024))
+        backend, why = resolve_backend(self.backend, shapes, tokens)
+        ctx.report.note(self.name, f"experts GEMM backend: {why}")
+        ctx.extras["moe_backend"] = backend
+
+        settings = ExpertsSettings(backend=backend, shard=self.shard)
+        patched = sum(patch_site(site, settings) for site in sites)
+        ctx.report.add(self.name, f"{experts_class}.forward -> scattermoe ({backend})", patched)
+        ctx.report.note(self.name, f"router kept as {model.config.model_type} computes it: {rule.routing}")
+        _keep_aux_loss(model, ctx, self.name)
+        self.sites = sites
+        return model
+
+    def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
+        # PEFT may have wrapped expert parameters after augment; patch the new outermost module.
+        for site in find_moe_sites(trainer.model):
+            if not is_patched(site.head):
+                patch_site(site, site.experts._fmsaccel_moe)
+        if self.shard is None:
+            return
+        experts = [site.experts for site in self.sites]
+        params = [getattr(m, name) for m in experts for name in expert_parallel.EXPERT_PARAMETERS]
+        ids = {id(p) for p in params}
+        names = [name for name, p in trainer.model.named_parameters() if id(p) in ids]
+        trainer.model._ddp_params_and_buffers_to_ignore = names
+        self.hooks = expert_parallel.average_expert_grads(params, self.shard)
+        trainer.accelerator.clip_grad_norm_ = _ep_clip(trainer.accelerator, ids, self.shard)
+        if any(p.requires_grad for p in params):
+            trainer.save_model = _gathering_save(trainer.save_model, experts, self.shard)
+        ctx.report.note(self.name, "sharded experts: DDP ignores them, gradients averaged, clipping over the whole model")
+
+
+def _shape(site, config) -> ExpertShape:
+    gate_up = site.experts.gate_up_proj
+    return ExpertShape(
+        num_experts=gate_up.size(0),
+        hidden=gate_up.size(2),
+        intermediate=gate_up.size(1) // 2,
+        top_k=int(config.num_experts_per_tok),
+        dtype=gate_up.dtype,
+    )
+
+
+def _keep_aux_loss(model, ctx: TrainContext, plugin: str) -> None:
+    """The router logits stay recorded, so HF adds the load-balancing loss when the run asks."""
+    config = model.config
+    if "output_router_logits" in ctx.args:
+        config.output_router_logits = bool(ctx.args["output_router_logits"])
+    if "router_aux_loss_coef" in ctx.args:
+        config.router_aux_loss_coef = float(ctx.args["router_aux_loss_coef"])
+    if getattr(config, "output_router_logits", False):
+        ctx.report.note(plugin, f"load-balancing loss in the loss (coef {config.router_aux_loss_coef})")
+
+
+def _ep_clip(accelerator, expert_ids: set[int], shard):
+    def clip_grad_norm_(parameters, max_norm, norm_type=2):
+        accelerator.unscale_gradients()
+        return expert_parallel.clip_grad_norm_(parameters, max_norm, norm_type, expert_params=expert_ids, shard=shard)
+
+    return clip_grad_norm_
+
+
+def _gathering_save(save_model, experts: list[torch.nn.Module], shard):
+    @functools.wraps(save_model)
+    def save(*args: Any, **kwargs: Any):
+        with expert_parallel.gathered_experts(experts, shard):
+            return save_model(*args, **kwargs)
+
+    return save
+
+
+def build(spec, config) -> MoEPlugin:
+    return MoEPlugin(spec, config)
