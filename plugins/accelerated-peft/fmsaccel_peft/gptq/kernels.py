@@ -112,7 +112,7 @@ def _fused_matmul_kernel(
         w = _weight_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, offs_k, offs_n, k_start, K, N,
                          GROUP_SIZE, HAS_G_IDX, ZERO_OFFSET, BLOCK_K)
         if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), w)
+            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")  # fp32 stays fp32 (no tf32)
         else:
             acc += tl.dot(a, w.to(a.dtype))
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -139,7 +139,7 @@ def _fused_grad_input_kernel(
         w = _weight_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, offs_k, offs_n, k_start, K, N,
                          GROUP_SIZE, HAS_G_IDX, ZERO_OFFSET, BLOCK_K)
         if DOT_FP32:
-            acc += tl.dot(g.to(tl.float32), tl.trans(w))
+            acc += tl.dot(g.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(g, tl.trans(w.to(g.dtype)))
     dx = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
