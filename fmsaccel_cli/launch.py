@@ -109,4 +109,14 @@ def prepare(resolved: Resolved, opts: LaunchOptions):
     active = validate(resolved)
     if opts.nproc_per_node < 1:
         raise RecipeError("--nproc-per-node must be at least 1")
+    data = str(resolved.args.get("training_data_path", ""))
+    if not data.startswith(("builtin:", "workload:")) and not Path(data).expanduser().exists():
+        raise RecipeError(f"training data '{data}' not found (a local .json/.jsonl file, a datasets folder, "
+                          "builtin:word-tasks, or workload:P|R)")
+    from .train import build_sft_config  # the real SFTConfig checks values (strategies, dtypes) here, not in the child
+
+    try:
+        build_sft_config(resolved.args)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"invalid training arguments: {str(e).splitlines()[0]}") from None
     return active

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import recipes as rc
+from .bench.cli import bench_app
 
 app = typer.Typer(help="Accelerated LLM fine-tuning: recipes, plugins, kernels, benchmarks.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -21,6 +22,7 @@ recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args
 plugins_app = typer.Typer(help="List and install plugins.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 
@@ -162,7 +164,7 @@ def run(
         fail(str(e))
     for note in resolved.notes:
         console.print(f"note: {note}")
-    if not resume and (out / "trainer_state.json").exists() or (not resume and any(out.glob("checkpoint-*"))):
+    if not resume and any(out.glob("checkpoint-*")):
         console.print(f"note: {out} holds checkpoints from an earlier run; pass --resume to continue it")
     path = launch.write_config(resolved, out)
     cmd = launch.torchrun_command(path, opts)

@@ -160,6 +160,8 @@ def parse_set(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set {item!r}: expected key=value")
+    if raw.strip().lower() in ("no", "yes", "on", "off", "y", "n"):  # YAML 1.1 booleans; users mean the word
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -295,7 +297,8 @@ def active_plugins(plugins: dict[str, Any], sources: dict[str, str] | None = Non
                     values[k] = key.default
             found.setdefault(spec.name, {})[path] = values
             return
-        if not isinstance(node, dict) or not node:
+        leads_somewhere = not path or any(o.startswith(path + ".") for o in owners)
+        if not leads_somewhere or not isinstance(node, dict) or not node:
             prefixes = sorted(owners)
             raise RecipeError(
                 f"{where('plugins.' + path)}: no plugin claims plugins.{path}{closest(path, prefixes)} "
@@ -325,12 +328,18 @@ def _check_value(key, value: Any, dotted: str, source: str) -> None:
         raise RecipeError(f"{source}: {dotted} = {value!r} is not one of: {choices}{closest(value, key.choices)}")
 
 
-def check_combination(active) -> None:
+def check_combination(active, sources: dict[str, str] | None = None) -> None:
     """Refuse plugin combinations that cannot work, before anything is built."""
-    names = {spec.name for spec, _ in active}
-    loaders = [spec.name for spec, _ in active if spec.loads_model]
+    sources = sources or {}
+
+    def origin(path: str) -> str:
+        return next((v for k, v in sources.items() if k.startswith(f"plugins.{path}")), "config")
+
+    loaders = [(spec.name, path) for spec, c in active if spec.loads_model for path in c]
     if len(loaders) > 1:
-        raise RecipeError(f"plugins {' and '.join(loaders)} both load the model; a recipe can use only one")
+        where = ", ".join(f"plugins.{path} from {origin(path)}" for _, path in loaders)
+        raise RecipeError(f"plugins {' and '.join(n for n, _ in loaders)} both load the model; "
+                          f"a recipe can use only one ({where})")
     cfg = {path: keys for _, c in active for path, keys in c.items()}
     foak = cfg.get("peft.quantization.fused_ops_and_kernels") or cfg.get("training.fused_ops_and_kernels")
     if foak is not None:
@@ -349,7 +358,6 @@ def check_combination(active) -> None:
                 )
     if "training.dataloader.multipack" in cfg and "training.attention.padding_free" not in cfg:
         raise RecipeError("training.dataloader.multipack needs training.attention.padding_free as well")
-    del names
 
 
 def validate_arguments(args: dict[str, Any], sources: dict[str, str]) -> None:
@@ -425,7 +433,7 @@ def training_argument_types() -> dict[str, tuple[type, ...] | None]:
 def validate(resolved: Resolved, check_args: bool = True):
     """Validate a resolved recipe without building anything; returns the active plugins."""
     active = active_plugins(resolved.plugins, resolved.sources)
-    check_combination(active)
+    check_combination(active, resolved.sources)
     if check_args:
         validate_arguments(resolved.args, resolved.sources)
     return active

@@ -52,7 +52,8 @@ def build_sft_config(args: dict[str, Any]) -> SFTConfig:
     kwargs["remove_unused_columns"] = False
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
-        kwargs.setdefault("ddp_backend", "gloo")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kwargs.setdefault("ddp_backend", "gloo")
     if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in kwargs:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     dtype = args.get("torch_dtype", "bfloat16")
