@@ -147,7 +147,7 @@ def _fused_grad_input_kernel(
 
 
 def _matmul_configs() -> list[triton.Config]:
-    shapes = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
+    shapes = [(16, 32, 128, 2, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
               (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
@@ -155,7 +155,7 @@ def _matmul_configs() -> list[triton.Config]:
 
 def _grad_input_configs() -> list[triton.Config]:
     # output tile is (BLOCK_M, BLOCK_K); BLOCK_N is the reduction step
-    shapes = [(16, 128, 64, 4, 4), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3),
+    shapes = [(16, 128, 32, 2, 4), (16, 128, 64, 4, 4), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3),
               (128, 64, 128, 8, 3), (128, 64, 256, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
