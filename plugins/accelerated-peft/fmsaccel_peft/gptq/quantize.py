@@ -13,7 +13,9 @@ dead inputs are zeroed, ``damp_percent`` of the mean diagonal is added before th
 factorisation, and updates are applied lazily a block of columns at a time. Act-order
 (``desc_act``) visits the columns by decreasing Hessian diagonal and records the groups in
 ``g_idx``. All linears of a layer see the inputs the previous (quantised) layers produce;
-within a layer they are quantised from one forward pass (no ``true_sequential``).
+within a layer they are quantised from one forward pass (no ``true_sequential``). The
+decoder layers' keyword inputs (position embeddings, mask) are captured once at layer 0
+and reused for every layer.
 
 RTN rounds every group to the nearest grid point and needs no calibration data.
 
@@ -450,7 +452,8 @@ def quantize_model(
                     quantized = rtn_quantize(linear.weight, group_size, sym)
                 for key, tensor in pack(*quantized).items():
                     writer.add(f"{prefix}{index}.{name}.{key}", tensor)
-                linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))  # later layers see quantised
+                if method == "gptq":  # the next layer's calibration inputs come from the quantised layer
+                    linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
             if method == "gptq":
                 inputs = _run_layer(layer, inputs, kwargs)
         quantised_params = {f"{name}.weight" for name in linears}
