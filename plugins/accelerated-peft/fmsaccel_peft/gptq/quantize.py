@@ -327,7 +327,7 @@ class _ShardWriter:
     def __init__(self, folder: Path, limit: int | None = None):
         self.folder, self.limit = folder, limit or SHARD_BYTES
         self.pending: dict[str, torch.Tensor] = {}
-        self.size, self.files, self.weight_map = 0, [], {}
+        self.size, self.files = 0, []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.pending[name] = tensor.detach().to("cpu").contiguous()
