@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from fmsaccel_framework.plugin import PluginError
 
 from .ops import routed_experts
@@ -164,7 +163,7 @@ def clip_grad_norm_(
     other gradients are replicated (DDP) and count once.
     """
     if float(norm_type) != 2.0:
-        raise PluginError(f"accelerated-moe: gradient clipping with sharded experts supports the 2-norm, not {norm_type}")
+        raise PluginError(f"accelerated-moe: clipping with sharded experts supports the 2-norm, not {norm_type}")
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [(id(p) in expert_params, p.grad) for p in params if p.grad is not None]
     if not grads:

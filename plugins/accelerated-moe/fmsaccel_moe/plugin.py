@@ -19,7 +19,6 @@ import functools
 from typing import Any
 
 import torch
-
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from . import expert_parallel
@@ -102,7 +101,7 @@ class MoEPlugin(AccelerationPlugin):
         trainer.accelerator.clip_grad_norm_ = _ep_clip(trainer.accelerator, ids, self.shard)
         if any(p.requires_grad for p in params):
             trainer.save_model = _gathering_save(trainer.save_model, experts, self.shard)
-        ctx.report.note(self.name, "sharded experts: DDP ignores them, gradients averaged, clipping over the whole model")
+        ctx.report.note(self.name, "sharded experts: DDP ignores them, gradients averaged, clipping on the full norm")
 
 
 def _shape(site, config) -> ExpertShape:

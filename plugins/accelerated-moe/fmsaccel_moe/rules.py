@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from fmsaccel_framework.plugin import PluginError
 
 
@@ -93,7 +92,7 @@ def find_moe_sites(model) -> list[MoESite]:
         raise PluginError(
             f"accelerated-moe: no rule for model_type {model_type!r}; supported: {', '.join(sorted(RULES))}"
         )
-    sites = [MoESite(name, module, rule) for name, module in model.named_modules() if type(module).__name__ in rule.blocks]
+    sites = [MoESite(name, m, rule) for name, m in model.named_modules() if type(m).__name__ in rule.blocks]
     if not sites:
         raise PluginError(
             f"accelerated-moe: {model_type} model has no {'/'.join(rule.blocks)} block; "

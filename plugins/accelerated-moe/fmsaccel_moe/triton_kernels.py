@@ -196,8 +196,8 @@ def expert_mm(
     flags = dict(GATHER=gather, SCATTER=scatter, SWIGLU=swiglu, SCALE=row_scale is not None)
     flags["DOT_FP32"] = _dot_fp32(a.dtype)
     if interpreting():
-        grid = (block_expert.numel(), triton.cdiv(n, 32))
-        _expert_mm_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=16)
+        grid = (block_expert.numel(), triton.cdiv(n, 64))
+        _expert_mm_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
     else:
 
         def grid(meta):
@@ -334,8 +334,8 @@ def expert_xty(
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SWIGLU_B=swiglu_b, SCALE_A=a_row_scale is not None)
     flags["DOT_FP32"] = _dot_fp32(a.dtype)
     if interpreting():
-        grid = (routing.num_experts, triton.cdiv(m, 32), triton.cdiv(n, 32))
-        _expert_xty_kernel[grid](*args, **flags, BLOCK_M=32, BLOCK_N=32, BLOCK_R=16)
+        grid = (routing.num_experts, triton.cdiv(m, 64), triton.cdiv(n, 64))
+        _expert_xty_kernel[grid](*args, **flags, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16)
     else:
 
         def grid(meta):
@@ -355,36 +355,40 @@ def _swiglu_backward_kernel(
     scale_ptr,
     d_gate_up_ptr,
     d_scale_ptr,
-    I,
+    rows,
+    inter,
     stride_gu,
     stride_g,
     stride_dgu,
     SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    gu_row = gate_up_ptr + row * stride_gu
-    dgu_row = d_gate_up_ptr + row * stride_dgu
+    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rs < rows
+    rs64 = rs.to(tl.int64)
     if SCALE:
-        scale = tl.load(scale_ptr + row).to(tl.float32)
+        scale = tl.load(scale_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)[:, None]
     else:
         scale = 1.0
-    dot = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c0 in range(0, I, BLOCK):
+    dot = tl.zeros((BLOCK_R, BLOCK), dtype=tl.float32)
+    for c0 in range(0, inter, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < I
-        gate = tl.load(gu_row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gu_row + I + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        mask = r_mask[:, None] & (cols < inter)[None, :]
+        gu = gate_up_ptr + rs64[:, None] * stride_gu + cols[None, :]
+        gate = tl.load(gu, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu + inter, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + rs64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
         dot += g * silu * up
         dh = g * scale
         d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(dgu_row + cols, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
-        tl.store(dgu_row + I + cols, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+        dgu = d_gate_up_ptr + rs64[:, None] * stride_dgu + cols[None, :]
+        tl.store(dgu, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgu + inter, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
     if SCALE:
-        tl.store(d_scale_ptr + row, tl.sum(dot, axis=0))
+        tl.store(d_scale_ptr + rs, tl.sum(dot, axis=1), mask=r_mask)
 
 
 def swiglu_backward(
@@ -396,23 +400,27 @@ def swiglu_backward(
     """
     rows, width = gate_up.shape
     inter = width // 2
+    gate_up, grad = gate_up.contiguous(), grad.contiguous()
     d_gate_up = torch.empty_like(gate_up)
     d_scale = torch.empty(rows, device=gate_up.device, dtype=torch.float32) if row_scale is not None else None
     if rows == 0:
         return d_gate_up, d_scale
-    block = 32 if interpreting() else min(1024, triton.next_power_of_2(inter))
-    _swiglu_backward_kernel[(rows,)](
+    block = min(256 if interpreting() else 1024, triton.next_power_of_2(inter))
+    block_r = max(1, 4096 // block)
+    _swiglu_backward_kernel[(triton.cdiv(rows, block_r),)](
         gate_up,
         grad,
         row_scale if row_scale is not None else gate_up,
         d_gate_up,
         d_scale if d_scale is not None else gate_up,
+        rows,
         inter,
         gate_up.stride(0),
         grad.stride(0),
         d_gate_up.stride(0),
         SCALE=row_scale is not None,
+        BLOCK_R=block_r,
         BLOCK=block,
-        num_warps=4,
+        num_warps=8,
     )
     return d_gate_up, d_scale

@@ -1,0 +1,153 @@
+"""The plugin end to end on tiny models: augment + report, loss parity, checkpoints, LoRA on experts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from moe_testing import max_diff, tiny_model
+from transformers import AutoModelForCausalLM
+
+from fmsaccel_framework.plugin import PluginError, TrainContext
+from fmsaccel_moe.patch import unpatch_site
+from fmsaccel_moe.rules import find_moe_sites
+from fmsaccel_moe.spec import MOE
+
+
+def _plugin(**keys):
+    return MOE.build({"training.moe.scattermoe": {"ep_degree": 1, "disable_distributed": False, "backend": "auto", **keys}})
+
+
+def _ctx(**args):
+    return TrainContext(args={"per_device_train_batch_size": 2, "max_seq_length": 16, **args}, torch_dtype=torch.float32)
+
+
+def _batch(seed: int, vocab: int = 128, shape=(2, 12)):
+    ids = torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_augment_patches_every_block_and_reports_it():
+    ctx = _ctx()
+    model = _plugin().augment(tiny_model("granitemoe"), ctx)
+    assert ctx.report.entries == {("accelerated-moe", "GraniteMoeExperts.forward -> scattermoe (grouped_mm)"): 2}
+    notes = [m for p, m in ctx.report.notes if p == "accelerated-moe"]
+    assert any("no GPU" in m for m in notes)  # auto without a GPU says what ran instead of Triton
+    assert any("top-k of the logits, softmax over the k" in m for m in notes)
+    assert ctx.extras["moe_backend"] == "grouped_mm"
+    assert all(site.experts._fmsaccel_moe.backend == "grouped_mm" for site in find_moe_sites(model))
+
+
+def test_augment_refuses_a_dense_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=32))
+    with pytest.raises(PluginError, match="no rule"):
+        _plugin().augment(dense, _ctx())
+
+
+def test_ep_degree_without_distributed_launch_is_a_clear_error():
+    with pytest.raises(PluginError, match="needs a distributed launch"):
+        _plugin(ep_degree=2).augment(tiny_model("mixtral"), _ctx())
+
+
+def _train(model, steps: int, lr: float = 3e-3) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    model.train()
+    for step in range(steps):
+        out = model(**_batch(step % 7))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+def test_loss_parity_over_50_steps_with_aux_loss():
+    """Triton kernels vs Hugging Face's experts, full fine-tuning, load-balancing loss in the loss."""
+    reference = tiny_model("mixtral", seed=1, num_hidden_layers=1)  # one layer: the interpreter is slow
+    ctx = _ctx(output_router_logits=True, router_aux_loss_coef=0.02)
+    patched = _plugin(backend="triton").augment(copy.deepcopy(reference), ctx)
+    reference.config.output_router_logits, reference.config.router_aux_loss_coef = True, 0.02
+    assert any("load-balancing loss" in m for _, m in ctx.report.notes)
+
+    ref_losses, losses = _train(reference, 50), _train(patched, 50)
+    assert ref_losses[-1] < ref_losses[0] - 0.5  # it learns
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < 2e-4
+
+
+def test_saved_checkpoint_has_the_original_layout_and_loads_in_plain_transformers(tmp_path):
+    reference = tiny_model("granitemoe", seed=2)
+    model = _plugin().augment(copy.deepcopy(reference), _ctx())
+    _train(model, 3)
+    model.save_pretrained(tmp_path / "patched")
+    reference.save_pretrained(tmp_path / "reference")
+
+    from safetensors import safe_open
+
+    def keys(path):
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    assert keys(tmp_path / "patched") == keys(tmp_path / "reference")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "patched", experts_implementation="eager")
+    ids = _batch(11)["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        assert max_diff(plain(ids).logits, model(ids).logits) < 1e-5
+
+
+def _lora_ctx(dropout: float = 0.0):
+    from peft import LoraConfig
+
+    ctx = _ctx()
+    ctx.peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "experts"])
+    return ctx
+
+
+def test_lora_on_experts_matches_peft_and_saves_a_peft_adapter(tmp_path):
+    base = tiny_model("mixtral", seed=3)
+    ctx = _lora_ctx()
+    model = _plugin(backend="triton").augment(copy.deepcopy(base), ctx)
+    assert ctx.peft_config is None  # the plugin applied PEFT itself
+    assert ctx.report.entries[("accelerated-moe", "MixtralExperts gate_up_proj/down_proj -> per-expert LoRA (PEFT)")] == 2
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("experts" in n and "lora_A" in n for n in trainable)
+    assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in trainable)
+    _train(model, 4, lr=1e-2)  # lora_B leaves zero
+
+    ids = _batch(5)["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        ours = model(ids).logits
+    peft_path = copy.deepcopy(model)
+    for site in find_moe_sites(peft_path):
+        unpatch_site(site)  # PEFT's own ParamWrapper forward (dense W + B @ A)
+    with torch.no_grad():
+        assert max_diff(ours, peft_path(ids).logits) < 1e-5
+
+    model.save_pretrained(tmp_path)
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert max_diff(reloaded(ids).logits, ours) < 1e-5
+
+
+def test_lora_on_experts_refuses_dropout():
+    with pytest.raises(PluginError, match="lora_dropout=0"):
+        _plugin().augment(tiny_model("qwen3_moe"), _lora_ctx(dropout=0.1))
+
+
+def test_lora_on_attention_only_leaves_experts_to_trl():
+    from peft import LoraConfig
+
+    ctx = _ctx()
+    ctx.peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = _plugin().augment(tiny_model("qwen2_moe"), ctx)
+    assert ctx.peft_config is not None  # TRL applies it later
+    assert not hasattr(model, "peft_config")
