@@ -6,21 +6,22 @@ import copy
 
 import pytest
 import torch
-from moe_testing import max_diff, tiny_model
-from transformers import AutoModelForCausalLM
-
 from fmsaccel_framework.plugin import PluginError, TrainContext
 from fmsaccel_moe.patch import unpatch_site
 from fmsaccel_moe.rules import find_moe_sites
 from fmsaccel_moe.spec import MOE
+from moe_testing import max_diff, tiny_model
+from transformers import AutoModelForCausalLM
 
 
 def _plugin(**keys):
-    return MOE.build({"training.moe.scattermoe": {"ep_degree": 1, "disable_distributed": False, "backend": "auto", **keys}})
+    keys = {"ep_degree": 1, "disable_distributed": False, "backend": "auto", **keys}
+    return MOE.build({"training.moe.scattermoe": keys})
 
 
 def _ctx(**args):
-    return TrainContext(args={"per_device_train_batch_size": 2, "max_seq_length": 16, **args}, torch_dtype=torch.float32)
+    args = {"per_device_train_batch_size": 2, "max_seq_length": 16, **args}
+    return TrainContext(args=args, torch_dtype=torch.float32)
 
 
 def _batch(seed: int, vocab: int = 128, shape=(2, 12)):
@@ -105,7 +106,8 @@ def _lora_ctx(dropout: float = 0.0):
     from peft import LoraConfig
 
     ctx = _ctx()
-    ctx.peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "experts"])
+    targets = ["q_proj", "v_proj", "experts"]
+    ctx.peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets)
     return ctx
 
 
@@ -114,7 +116,8 @@ def test_lora_on_experts_matches_peft_and_saves_a_peft_adapter(tmp_path):
     ctx = _lora_ctx()
     model = _plugin(backend="triton").augment(copy.deepcopy(base), ctx)
     assert ctx.peft_config is None  # the plugin applied PEFT itself
-    assert ctx.report.entries[("accelerated-moe", "MixtralExperts gate_up_proj/down_proj -> per-expert LoRA (PEFT)")] == 2
+    lora_entry = ("accelerated-moe", "MixtralExperts gate_up_proj/down_proj -> per-expert LoRA (PEFT)")
+    assert ctx.report.entries[lora_entry] == 2
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("experts" in n and "lora_A" in n for n in trainable)
     assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in trainable)
