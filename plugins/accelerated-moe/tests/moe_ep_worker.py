@@ -18,6 +18,9 @@ TOKENS, HIDDEN, INTER, EXPERTS, TOP_K = 13, 16, 24, 4, 2
 
 
 def _init(rank: int, world: int, port: int) -> None:
+    # gloo on CPU tensors, so Triton runs in its interpreter even on a GPU machine (set before CUDA or
+    # fmsaccel_moe.triton_kernels is touched in this fresh process)
+    os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

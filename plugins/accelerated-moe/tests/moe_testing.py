@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+# Triton needs CUDA tensors on a GPU machine; without one the interpreter runs on CPU tensors.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 COMMON = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -39,7 +42,7 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
 
 
-def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, device=None, **overrides):
     """A random-init model whose experts use Hugging Face's plain per-expert loop (the reference)."""
     torch.manual_seed(seed)
     config = tiny_config(model_type, **overrides)
@@ -48,7 +51,7 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides)
         for name, p in model.named_parameters():
             if "experts" in name or "router" in name or name.endswith("gate.weight"):
                 p.normal_(0.0, 0.2)
-    return model
+    return model.to(device or DEVICE)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

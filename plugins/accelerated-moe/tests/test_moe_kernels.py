@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fmsaccel_moe import torch_kernels, triton_kernels
 from fmsaccel_moe.ops import ExpertLoRA, routed_experts
 from fmsaccel_moe.routing import route
-from moe_testing import max_diff
+from moe_testing import DEVICE, max_diff
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -21,7 +21,7 @@ def _routing(tokens: int, experts: int, top_k: int, seed: int = 0, skip_expert: 
     scores = torch.rand(tokens, experts, generator=gen)
     if skip_expert is not None:
         scores[:, skip_expert] = -1.0  # an expert nobody picks: empty group
-    return scores.topk(top_k, dim=-1).indices
+    return scores.topk(top_k, dim=-1).indices.to(DEVICE)
 
 
 def _reference_mm(a, weight, routing, *, gather, scatter, transpose_weight, swiglu, row_scale):
@@ -39,7 +39,8 @@ def _reference_mm(a, weight, routing, *, gather, scatter, transpose_weight, swig
 
 
 def _reference_xty(a, b, routing, *, gather_a, gather_b, swiglu_b, a_row_scale):
-    out = torch.zeros(routing.num_experts, a.size(1), b.size(1) // (2 if swiglu_b else 1), dtype=torch.float64)
+    out = torch.zeros(routing.num_experts, a.size(1), b.size(1) // (2 if swiglu_b else 1), dtype=torch.float64,
+                      device=a.device)
     for r in range(routing.num_rows):
         x = (a[routing.token[r]] if gather_a else a[r]).double()
         if a_row_scale is not None:
@@ -70,10 +71,10 @@ def test_expert_mm_matches_reference(backend, dtype, case):
     routing = route(_routing(tokens, experts, top_k, seed=case, skip_expert=3), experts)
     gen = torch.Generator().manual_seed(case)
     rows = tokens if flags["gather"] else tokens * top_k
-    a = torch.randn(rows, 2 * k if flags["swiglu"] else k, generator=gen).to(dtype)
+    a = torch.randn(rows, 2 * k if flags["swiglu"] else k, generator=gen).to(DEVICE, dtype)
     shape = (experts, k, n) if flags["transpose_weight"] else (experts, n, k)
-    weight = (torch.randn(*shape, generator=gen) / k**0.5).to(dtype)
-    row_scale = torch.rand(tokens * top_k, generator=gen) if scale else None
+    weight = (torch.randn(*shape, generator=gen) / k**0.5).to(DEVICE, dtype)
+    row_scale = torch.rand(tokens * top_k, generator=gen).to(DEVICE) if scale else None
     out = BACKENDS[backend].expert_mm(a, weight, routing, row_scale=row_scale, **flags)
     ref = _reference_mm(a, weight, routing, row_scale=row_scale, **flags)
     assert out.dtype == dtype and out.shape == ref.shape
@@ -87,9 +88,9 @@ def test_expert_xty_matches_reference(backend, dtype, gather_a, gather_b, swiglu
     tokens, experts, top_k, m, n = 23, 4, 2, 70, 36
     routing = route(_routing(tokens, experts, top_k, seed=7, skip_expert=1), experts)
     gen = torch.Generator().manual_seed(1)
-    a = torch.randn(tokens if gather_a else tokens * top_k, m, generator=gen).to(dtype)
-    b = torch.randn(tokens if gather_b else tokens * top_k, 2 * n if swiglu_b else n, generator=gen).to(dtype)
-    a_row_scale = torch.rand(tokens * top_k, generator=gen) if scale else None
+    a = torch.randn(tokens if gather_a else tokens * top_k, m, generator=gen).to(DEVICE, dtype)
+    b = torch.randn(tokens if gather_b else tokens * top_k, 2 * n if swiglu_b else n, generator=gen).to(DEVICE, dtype)
+    a_row_scale = torch.rand(tokens * top_k, generator=gen).to(DEVICE) if scale else None
     flags = dict(gather_a=gather_a, gather_b=gather_b, swiglu_b=swiglu_b, a_row_scale=a_row_scale)
     out = BACKENDS[backend].expert_xty(a, b, routing, **flags)
     ref = _reference_xty(a, b, routing, **flags)
@@ -101,9 +102,9 @@ def test_expert_xty_matches_reference(backend, dtype, gather_a, gather_b, swiglu
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_swiglu_backward_matches_autograd(backend):
     gen = torch.Generator().manual_seed(2)
-    gate_up = torch.randn(37, 2 * 300, generator=gen)
-    grad = torch.randn(37, 300, generator=gen)
-    scale = torch.rand(37, generator=gen)
+    gate_up = torch.randn(37, 2 * 300, generator=gen).to(DEVICE)
+    grad = torch.randn(37, 300, generator=gen).to(DEVICE)
+    scale = torch.rand(37, generator=gen).to(DEVICE)
     d_gate_up, d_scale = BACKENDS[backend].swiglu_backward(gate_up, grad, scale)
 
     gu, s = gate_up.clone().requires_grad_(), scale.clone().requires_grad_()
@@ -119,7 +120,7 @@ def _mixtral_experts(hidden: int, inter: int, experts: int, dtype) -> MixtralExp
     module = MixtralExperts(config)
     torch.nn.init.normal_(module.gate_up_proj, std=0.2)
     torch.nn.init.normal_(module.down_proj, std=0.2)
-    return module.to(dtype)
+    return module.to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -128,9 +129,9 @@ def test_routed_experts_match_huggingface_experts(backend, dtype):
     """Forward and every gradient (tokens, routing weights, both expert weights) against HF's loop."""
     torch.manual_seed(0)
     experts = _mixtral_experts(hidden=24, inter=20, experts=6, dtype=dtype)
-    x = torch.randn(31, 24, dtype=dtype, requires_grad=True)
-    logits = torch.randn(31, 6, requires_grad=True)
-    grad = torch.randn(31, 24, dtype=dtype)
+    x = torch.randn(31, 24, dtype=dtype, device=DEVICE, requires_grad=True)
+    logits = torch.randn(31, 6, device=DEVICE, requires_grad=True)
+    grad = torch.randn(31, 24, dtype=dtype, device=DEVICE)
 
     def run(fn):
         weights, index = logits.softmax(-1).topk(3, dim=-1)
@@ -155,14 +156,14 @@ def test_expert_lora_equals_dense_delta(backend):
     base = _mixtral_experts(hidden=16, inter=12, experts=experts, dtype=torch.float32)
     lora = {
         name: ExpertLoRA(
-            a=(torch.randn(experts, rank, w.size(2)) * 0.3).requires_grad_(),
-            b=(torch.randn(experts, w.size(1), rank) * 0.3).requires_grad_(),
+            a=(torch.randn(experts, rank, w.size(2), device=DEVICE) * 0.3).requires_grad_(),
+            b=(torch.randn(experts, w.size(1), rank, device=DEVICE) * 0.3).requires_grad_(),
             scale=scale,
         )
         for name, w in (("gate_up_proj", base.gate_up_proj), ("down_proj", base.down_proj))
     }
-    x = torch.randn(17, 16, requires_grad=True)
-    weights, index = torch.randn(17, experts).softmax(-1).topk(2, dim=-1)
+    x = torch.randn(17, 16, device=DEVICE, requires_grad=True)
+    weights, index = torch.randn(17, experts, device=DEVICE).softmax(-1).topk(2, dim=-1)
     leaves = [x, *(t for f in lora.values() for t in (f.a, f.b))]
 
     out = routed_experts(

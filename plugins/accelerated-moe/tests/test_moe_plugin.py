@@ -10,7 +10,7 @@ from fmsaccel_framework.plugin import PluginError, TrainContext
 from fmsaccel_moe.patch import unpatch_site
 from fmsaccel_moe.rules import find_moe_sites
 from fmsaccel_moe.spec import MOE
-from moe_testing import max_diff, tiny_model
+from moe_testing import DEVICE, max_diff, tiny_model
 from transformers import AutoModelForCausalLM
 
 
@@ -25,19 +25,23 @@ def _ctx(**args):
 
 
 def _batch(seed: int, vocab: int = 128, shape=(2, 12)):
-    ids = torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     return {"input_ids": ids, "labels": ids}
 
 
 def test_augment_patches_every_block_and_reports_it():
     ctx = _ctx()
     model = _plugin().augment(tiny_model("granitemoe"), ctx)
-    assert ctx.report.entries == {("accelerated-moe", "GraniteMoeExperts.forward -> scattermoe (grouped_mm)"): 2}
+    backend = ctx.extras["moe_backend"]
+    assert ctx.report.entries == {("accelerated-moe", f"GraniteMoeExperts.forward -> scattermoe ({backend})"): 2}
     notes = [m for p, m in ctx.report.notes if p == "accelerated-moe"]
-    assert any("no GPU" in m for m in notes)  # auto without a GPU says what ran instead of Triton
+    chosen = next(m for m in notes if m.startswith("experts GEMM backend"))
+    if torch.cuda.is_available():
+        assert "auto: fwd+bwd per layer" in chosen  # both engines timed, the faster one named
+    else:
+        assert backend == "grouped_mm" and "no GPU" in chosen
     assert any("top-k of the logits, softmax over the k" in m for m in notes)
-    assert ctx.extras["moe_backend"] == "grouped_mm"
-    assert all(site.experts._fmsaccel_moe.backend == "grouped_mm" for site in find_moe_sites(model))
+    assert all(site.experts._fmsaccel_moe.backend == backend for site in find_moe_sites(model))
 
 
 def test_augment_refuses_a_dense_model():
@@ -95,7 +99,7 @@ def test_saved_checkpoint_has_the_original_layout_and_loads_in_plain_transformer
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
     assert keys(tmp_path / "patched") == keys(tmp_path / "reference")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "patched", experts_implementation="eager")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "patched", experts_implementation="eager").to(DEVICE)
     ids = _batch(11)["input_ids"]
     model.eval()
     with torch.no_grad():

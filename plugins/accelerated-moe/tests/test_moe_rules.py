@@ -9,7 +9,7 @@ import torch
 from fmsaccel_framework.plugin import PluginError
 from fmsaccel_moe.patch import ExpertsSettings, is_patched, patch_site, unpatch_site
 from fmsaccel_moe.rules import RULES, find_moe_sites
-from moe_testing import ARCHS, max_diff, tiny_model
+from moe_testing import ARCHS, DEVICE, max_diff, tiny_model
 
 
 def test_rule_table_covers_the_spec_architectures():
@@ -50,8 +50,8 @@ def test_patched_block_equals_original(model_type, backend):
         assert is_patched(site.head)
 
     gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2, 9, original.config.hidden_size, generator=gen)
-    grad = torch.randn(2, 9, original.config.hidden_size, generator=gen)
+    hidden = torch.randn(2, 9, original.config.hidden_size, generator=gen).to(DEVICE)
+    grad = torch.randn(2, 9, original.config.hidden_size, generator=gen).to(DEVICE)
     ref_out, ref_logits, ref_grads = _block_run(sites[0], hidden, grad)
     out, logits, grads = _block_run(patched_sites[0], hidden, grad)
     assert max_diff(out, ref_out) < 1e-5
