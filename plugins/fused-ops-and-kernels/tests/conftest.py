@@ -26,3 +26,12 @@ def _restore_function_patches():
     from fmsaccel_foak.patching import undo_function_patches
 
     undo_function_patches()
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """Tiny shapes: torch's spinning OpenMP workers only fight bitsandbytes' CPU kernels (3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
