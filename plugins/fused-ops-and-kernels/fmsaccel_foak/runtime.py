@@ -48,6 +48,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def num_warps(elements: int) -> int:
+    """Warps for a tile of ``elements`` values: about 16-32 values per thread."""
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
 def row_block(n_cols: int, n_rows: int, elements: int = 4096) -> int:
     """Rows per program: about ``elements`` values per tile, a power of two, at most the rows there are.
 

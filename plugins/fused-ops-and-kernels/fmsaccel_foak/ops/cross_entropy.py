@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..runtime import can_launch, row_block
+from ..runtime import can_launch, num_warps, row_block
 
 
 @triton.jit
@@ -84,6 +84,7 @@ def logit_stats(
     _ce_stats_kernel[(triton.cdiv(n_rows, block_m),)](
         logits, targets, out[0], out[1], out[2], out[3] if entropy else out[0], n_rows, n_cols, logits.stride(0),
         scale, ignore_index, HAS_ENTROPY=entropy, BLOCK_M=block_m, BLOCK_V=block_v,
+        num_warps=num_warps(block_m * block_v),
     )
     return out[0], out[1], out[2], (out[3] if entropy else None)
 
@@ -104,6 +105,7 @@ def softmax_grad(
     _ce_grad_kernel[grid](
         logits, out, targets, lse, row_scale, n_rows, n_cols, logits.stride(0), out.stride(0),
         row_scale.stride(0) if row_scale.numel() > 1 else 0, scale, ignore_index, BLOCK_M=block_m, BLOCK_V=block_v,
+        num_warps=num_warps(block_m * block_v),
     )
     return out
 

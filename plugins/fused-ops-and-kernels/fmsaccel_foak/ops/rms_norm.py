@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..runtime import can_launch, row_block
+from ..runtime import can_launch, num_warps, row_block
 
 
 @triton.jit
@@ -92,6 +92,7 @@ class _RMSNorm(torch.autograd.Function):
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
             GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=triton.next_power_of_2(n_cols),
+            num_warps=num_warps(block_m * triton.next_power_of_2(n_cols)),
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma = gemma
@@ -114,6 +115,7 @@ class _RMSNorm(torch.autograd.Function):
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight, rstd, dx, dw_partial, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
             rows_per_program, GEMMA=ctx.gemma, HAS_DW=has_dw, BLOCK_M=block_m, BLOCK_N=triton.next_power_of_2(n_cols),
+            num_warps=num_warps(block_m * triton.next_power_of_2(n_cols)),
         )
         dw = dw_partial.sum(0).to(weight.dtype) if has_dw else None
         return dx.view(dy.shape), dw, None, None

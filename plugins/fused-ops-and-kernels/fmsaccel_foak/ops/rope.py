@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..runtime import can_launch, row_block
+from ..runtime import can_launch, num_warps, row_block
 
 
 @triton.jit
@@ -87,6 +87,7 @@ def _rotate(x, cos, sin, position_ids, unsqueeze_dim: int, backward: bool) -> to
         x, y, cos, sin, position_ids if position_ids is not None else cos,
         n_tokens, seq, heads, *sx, *sy, *sc, *sp,
         HALF=rot // 2, BACKWARD=backward, HAS_POS=position_ids is not None, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=num_warps(block_t * block_c),
     )
     return y
 

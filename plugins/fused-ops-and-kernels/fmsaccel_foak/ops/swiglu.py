@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..runtime import can_launch, row_block
+from ..runtime import can_launch, num_warps, row_block
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _forward(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(g2.dtype, u2.dtype), device=g2.device)
     grid, block_m, block_n = _grid(n_rows, n_cols)
     _swiglu_fwd_kernel[grid](g2, u2, y, n_rows, n_cols, g2.stride(0), u2.stride(0), y.stride(0),
-                             BLOCK_M=block_m, BLOCK_N=block_n)
+                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m * block_n))
     return y
 
 
@@ -71,7 +71,8 @@ def _backward(dy2, g2, u2, dg2, du2) -> None:
     n_rows, n_cols = u2.shape
     grid, block_m, block_n = _grid(n_rows, n_cols)
     _swiglu_bwd_kernel[grid](dy2, g2, u2, dg2, du2, n_rows, n_cols, dy2.stride(0), g2.stride(0), u2.stride(0),
-                             dg2.stride(0), du2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n)
+                             dg2.stride(0), du2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                             num_warps=num_warps(block_m * block_n))
 
 
 class _SwiGLU(torch.autograd.Function):
