@@ -48,6 +48,15 @@ def _row_block(routing: Routing) -> int:
 
 
 @triton.jit
+def _swizzle(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Tile order that walks ``GROUP_M`` row tiles across all column tiles, so the rows stay in L2."""
+    in_group = GROUP_M * tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_m, (pid % in_group) // group_m
+
+
+@triton.jit
 def _expert_mm_kernel(
     a_ptr,
     w_ptr,
@@ -58,6 +67,7 @@ def _expert_mm_kernel(
     block_expert_ptr,
     block_start_ptr,
     ends_ptr,
+    num_m_tiles,
     N,
     K,
     stride_am,
@@ -75,9 +85,9 @@ def _expert_mm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -183,6 +193,7 @@ def expert_mm(
         block_expert,
         block_start,
         routing.ends,
+        block_expert.numel(),
         n,
         k,
         a.stride(0),
@@ -195,15 +206,16 @@ def expert_mm(
     )
     flags = dict(GATHER=gather, SCATTER=scatter, SWIGLU=swiglu, SCALE=row_scale is not None)
     flags["DOT_FP32"] = _dot_fp32(a.dtype)
+    tiles_m = block_expert.numel()
     if interpreting():
-        grid = (block_expert.numel(), triton.cdiv(n, 64))
-        _expert_mm_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
+        grid = (tiles_m * triton.cdiv(n, 64),)
+        _expert_mm_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
     else:
 
         def grid(meta):
-            return (block_expert.numel(), triton.cdiv(n, meta["BLOCK_N"]))
+            return (tiles_m * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _expert_mm_tuned[grid](*args, **flags, BLOCK_M=block_m)
+        _expert_mm_tuned[grid](*args, **flags, BLOCK_M=block_m, GROUP_M=8)
     return out
 
 
@@ -235,10 +247,13 @@ def _expert_xty_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    expert = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    # expert-major order: the tiles running together share one expert's rows (in L2)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    expert = pid // (tiles_m * tiles_n)
+    pid_m, pid_n = _swizzle(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
     end = tl.load(ends_ptr + expert).to(tl.int32)
     start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -333,15 +348,16 @@ def expert_xty(
     )
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SWIGLU_B=swiglu_b, SCALE_A=a_row_scale is not None)
     flags["DOT_FP32"] = _dot_fp32(a.dtype)
+    experts = routing.num_experts
     if interpreting():
-        grid = (routing.num_experts, triton.cdiv(m, 64), triton.cdiv(n, 64))
-        _expert_xty_kernel[grid](*args, **flags, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16)
+        grid = (experts * triton.cdiv(m, 64) * triton.cdiv(n, 64),)
+        _expert_xty_kernel[grid](*args, **flags, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, GROUP_M=2)
     else:
 
         def grid(meta):
-            return (routing.num_experts, triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+            return (experts * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _expert_xty_tuned[grid](*args, **flags)
+        _expert_xty_tuned[grid](*args, **flags, GROUP_M=8)
     return out
 
 
