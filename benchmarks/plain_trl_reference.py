@@ -33,8 +33,10 @@ class Throughput(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup:
             torch.cuda.synchronize()
-            self.t0, self.tokens0 = time.perf_counter(), self.tokens
-            torch.cuda.reset_peak_memory_stats()
+            self.t0, self.tokens0 = time.perf_counter(), float(self.tokens)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        torch.cuda.reset_peak_memory_stats()  # as fmsaccel's train.py: peak over training, not loading
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -64,9 +66,9 @@ def main() -> None:
     )
     counter = Throughput(a.warmup)
 
-    def count(module, args, kwargs):
+    def count(module, args, kwargs):  # a device tensor: no host sync per step (R is launch-bound)
         mask = kwargs.get("attention_mask")
-        counter.tokens += int(mask.sum()) if mask is not None else kwargs["input_ids"].numel()
+        counter.tokens += mask.sum() if mask is not None else kwargs["input_ids"].numel()
 
     config = SFTConfig(output_dir="/tmp/plain-trl", per_device_train_batch_size=a.batch, max_steps=a.steps,
                        learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", max_length=4096,
@@ -82,7 +84,7 @@ def main() -> None:
     row = {"framework_config": "plain-trl" + ("-liger" if a.liger else ""), "model_name_or_path": a.model,
            "workload": a.workload, "per_device_train_batch_size": a.batch,
            "gradient_checkpointing": not a.no_gradient_checkpointing,
-           "train_tokens_per_second": (counter.tokens - counter.tokens0) / elapsed,
+           "train_tokens_per_second": (float(counter.tokens) - counter.tokens0) / elapsed,
            "mem_peak_torch_mem_alloc_in_bytes": torch.cuda.max_memory_allocated(),
            "final_loss": counter.losses[-1] if counter.losses else None, "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__}

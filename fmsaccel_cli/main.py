@@ -81,7 +81,9 @@ def recipes_show(
 
 
 @recipes_app.command("cp")
-def recipes_cp(name: str = typer.Argument(..., autocompletion=complete_recipe), path: Path = typer.Argument(...)) -> None:
+def recipes_cp(
+    name: str = typer.Argument(..., autocompletion=complete_recipe), path: Path = typer.Argument(...)
+) -> None:
     """Write an editable copy of a recipe (run it with --config PATH, or validate it)."""
     try:
         resolved = rc.resolve(name)
@@ -254,8 +256,8 @@ def quantize(
     if method not in ("gptq", "rtn"):
         fail(f"--method must be gptq or rtn, not '{method}'")
     try:
-        from fmsaccel_peft.gptq.quantize import quantize_model
         from fmsaccel_framework.plugin import PluginError
+        from fmsaccel_peft.gptq.quantize import quantize_model
     except ImportError as e:
         fail(f"the GPTQ plugin cannot be imported ({e}); install it with: pip install 'fmsaccel[gptq]'")
     try:

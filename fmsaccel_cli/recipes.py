@@ -90,9 +90,8 @@ def catalog() -> dict[str, RecipeInfo]:
     }
     for entry in contents.get("framework_configs", []):
         name = entry["shortname"]
-        out[name] = RecipeInfo(
-            name, entry.get("description", ""), tuple(entry.get("plugins", [])), root / entry["filename"], owner.get(name)
-        )
+        plugins = tuple(entry.get("plugins", []))
+        out[name] = RecipeInfo(name, entry.get("description", ""), plugins, root / entry["filename"], owner.get(name))
     return out
 
 

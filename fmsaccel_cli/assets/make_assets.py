@@ -55,7 +55,8 @@ def make_tokenizer(rows: list[dict], out_dir: Path, vocab_size: int = 1024) -> N
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    corpus = [f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n### Response: {r['output']}" for r in rows]
+    corpus = [f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n### Response: {r['output']}"
+              for r in rows]
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[2],

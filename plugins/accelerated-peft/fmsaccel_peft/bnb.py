@@ -73,7 +73,8 @@ class BitsAndBytesPlugin(AccelerationPlugin):
         model = get_peft_model(model, ctx.peft_config)
         import bitsandbytes as bnb
 
-        wrapped = sum(1 for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, bnb.nn.Linear4bit))
+        wrapped = sum(1 for m in model.modules()
+                      if hasattr(m, "lora_A") and isinstance(m.base_layer, bnb.nn.Linear4bit))
         if wrapped == 0:
             raise PluginError(f"no 4-bit linear matched target_modules {ctx.peft_config.target_modules}")
         ctx.report.add(self.name, f"bnb.nn.Linear4bit ({self.keys['quant_type']}) wrapped by LoRA", wrapped)

@@ -8,7 +8,8 @@ BNB = PluginSpec(
     paths={
         "peft.quantization.bitsandbytes": {
             "quant_type": ConfigKey(str, choices=("nf4", "fp4"), help="4-bit data type"),
-            "no_peft_model": ConfigKey(bool, default=False, help="true: leave LoRA to the trainer (plain TRL QLoRA baseline)"),
+            "no_peft_model": ConfigKey(bool, default=False,
+                                       help="true: leave LoRA to the trainer (plain TRL QLoRA baseline)"),
             "double_quant": ConfigKey(bool, default=True, help="quantise the quantisation constants too"),
             "compute_dtype": ConfigKey((str, type(None)), default=None, help="matmul dtype; default torch_dtype"),
             "quant_storage": ConfigKey((str, type(None)), default=None, help="storage dtype of packed weights (FSDP)"),
