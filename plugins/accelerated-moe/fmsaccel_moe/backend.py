@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from fmsaccel_framework.plugin import PluginError
 
 from .ops import routed_experts

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 from fmsaccel_framework.plugin import PluginError
 
 from .ops import routed_experts
@@ -114,6 +115,7 @@ def ep_routed_experts(
     *,
     num_experts: int,
     backend: str,
+    fuse_swiglu: bool | None = None,
 ) -> torch.Tensor:
     """``ops.routed_experts`` with the experts spread over the EP group."""
     tokens, top_k = top_k_index.shape
@@ -129,7 +131,9 @@ def ep_routed_experts(
     dist.all_to_all_single(local_expert, (routing.expert % local).contiguous(), recv, send, group=shard.group)
     received = _AllToAll.apply(rows, recv, send, shard.group)
 
-    done = routed_experts(received, local_expert.long()[:, None], None, gate_up_proj, down_proj, backend=backend)
+    done = routed_experts(
+        received, local_expert.long()[:, None], None, gate_up_proj, down_proj, backend=backend, fuse_swiglu=fuse_swiglu
+    )
     returned = _AllToAll.apply(done, send, recv, shard.group)
 
     per_slot = returned[routing.inverse()].view(tokens, top_k, -1)

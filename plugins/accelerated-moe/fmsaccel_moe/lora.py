@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 
 import torch
+
 from fmsaccel_framework.plugin import PluginError
 
 from .ops import ExpertLoRA

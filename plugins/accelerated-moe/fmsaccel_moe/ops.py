@@ -11,8 +11,14 @@ projection rows are never stored (the routing-weight gradient is recovered as
 ``<d_out @ W_down, silu(gate) * up>``). Hugging Face's ``grouped_mm`` path keeps all of
 them.
 
-A backend is a module with ``expert_mm``, ``expert_xty`` and ``swiglu_backward``:
-``triton_kernels`` ("triton") or ``torch_kernels`` ("grouped_mm").
+SwiGLU fusion: the down projection can build ``silu(gate) * up`` while loading its
+input tiles (nothing written), but then recomputes it once per output column tile,
+``hidden / 128`` times. That pays for narrow models; for wide ones a separate pass
+that writes ``h`` (freed after the GEMM) is cheaper, and the backward gets ``h`` from
+its SwiGLU-gradient pass. ``FUSE_SWIGLU_MAX_HIDDEN`` is the crossover.
+
+A backend is a module with ``expert_mm``, ``expert_xty``, ``swiglu`` and
+``swiglu_backward``: ``triton_kernels`` ("triton") or ``torch_kernels`` ("grouped_mm").
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from . import torch_kernels
 from .routing import Routing, route
 
 BACKENDS = ("triton", "grouped_mm")
+FUSE_SWIGLU_MAX_HIDDEN = 1024
 
 
 def backend_module(name: str) -> ModuleType:
@@ -65,26 +72,33 @@ class SwigluDownCombine(torch.autograd.Function):
     """``out[t] = sum_k w[t,k] * swiglu(gate_up[r]) @ W_down[e(r)]^T`` (no weights: ``K == 1``, unscaled)."""
 
     @staticmethod
-    def forward(ctx, gate_up, down, routing: Routing, weights, backend: ModuleType):
+    def forward(ctx, gate_up, down, routing: Routing, weights, backend: ModuleType, fuse: bool):
         ctx.save_for_backward(gate_up, down, weights)
-        ctx.routing, ctx.backend = routing, backend
-        rows = backend.expert_mm(gate_up, down, routing, swiglu=True, scatter=True, row_scale=weights)
+        ctx.routing, ctx.backend, ctx.fuse = routing, backend, fuse
+        if fuse:
+            rows = backend.expert_mm(gate_up, down, routing, swiglu=True, scatter=True, row_scale=weights)
+        else:
+            rows = backend.expert_mm(backend.swiglu(gate_up), down, routing, scatter=True, row_scale=weights)
         return _sum_slots(rows, routing)
 
     @staticmethod
     def backward(ctx, d_out):
         gate_up, down, weights = ctx.saved_tensors
-        routing, backend = ctx.routing, ctx.backend
+        routing, backend, fuse = ctx.routing, ctx.backend, ctx.fuse
         d_out = d_out.to(down.dtype).contiguous()
         # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
         g = backend.expert_mm(d_out, down, routing, gather=True, transpose_weight=True)
-        d_gate_up, d_weights = backend.swiglu_backward(gate_up, g, weights)
+        want_h = ctx.needs_input_grad[1] and not fuse
+        d_gate_up, d_weights, scaled_h = backend.swiglu_backward(gate_up, g, weights, want_h=want_h)
         d_down = None
         if ctx.needs_input_grad[1]:
-            d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
+            if fuse:
+                d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
+            else:
+                d_down = backend.expert_xty(d_out, scaled_h, routing, gather_a=True)
         if d_weights is not None:
             d_weights = d_weights.to(weights.dtype)
-        return d_gate_up, d_down, None, d_weights, None
+        return d_gate_up, d_down, None, d_weights, None, None
 
 
 def _sum_slots(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -118,12 +132,13 @@ def routed_experts(
     backend: str = "triton",
     lora_gate_up: ExpertLoRA | None = None,
     lora_down: ExpertLoRA | None = None,
+    fuse_swiglu: bool | None = None,
 ) -> torch.Tensor:
     """SwiGLU experts over ``[T, H]`` tokens routed to ``top_k_index`` ([T, K]).
 
     ``gate_up_proj: [E, 2I, H]`` and ``down_proj: [E, H, I]`` in Hugging Face's layout.
     ``top_k_weights=None`` leaves the rows unscaled (expert parallelism scales them on
-    the rank that owns the tokens).
+    the rank that owns the tokens). ``fuse_swiglu=None`` applies ``FUSE_SWIGLU_MAX_HIDDEN``.
     """
     impl = backend_module(backend)
     routing = route(top_k_index, gate_up_proj.size(0))
@@ -132,7 +147,9 @@ def routed_experts(
     if lora_gate_up is not None:
         gate_up = gate_up + _lora_rows(x, lora_gate_up, routing, True, impl)
     weights = None if top_k_weights is None else top_k_weights.reshape(-1)[routing.slot.long()]
-    out = SwigluDownCombine.apply(gate_up, down_proj, routing, weights, impl)
+    if fuse_swiglu is None:
+        fuse_swiglu = down_proj.size(1) <= FUSE_SWIGLU_MAX_HIDDEN
+    out = SwigluDownCombine.apply(gate_up, down_proj, routing, weights, impl, fuse_swiglu)
     if lora_down is not None:
         delta = _lora_rows(torch_kernels.swiglu_rows(gate_up), lora_down, routing, False, impl)
         if weights is not None:

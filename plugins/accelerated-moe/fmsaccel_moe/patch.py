@@ -23,6 +23,7 @@ from .rules import MoESite, unwrap
 class ExpertsSettings:
     backend: str  # "triton" | "grouped_mm"
     shard: EPShard | None = None
+    fuse_swiglu: bool | None = None  # None: ops.FUSE_SWIGLU_MAX_HIDDEN decides
 
 
 def scattermoe_forward(
@@ -42,6 +43,7 @@ def scattermoe_forward(
             settings.shard,
             num_experts=experts._fmsaccel_num_experts,
             backend=settings.backend,
+            fuse_swiglu=settings.fuse_swiglu,
         )
     return routed_experts(
         hidden_states,
@@ -52,6 +54,7 @@ def scattermoe_forward(
         backend=settings.backend,
         lora_gate_up=lora.get("gate_up_proj"),
         lora_down=lora.get("down_proj"),
+        fuse_swiglu=settings.fuse_swiglu,
     )
 
 

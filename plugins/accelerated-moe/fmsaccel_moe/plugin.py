@@ -19,6 +19,7 @@ import functools
 from typing import Any
 
 import torch
+
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from . import expert_parallel

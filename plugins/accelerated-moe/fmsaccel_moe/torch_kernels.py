@@ -126,15 +126,24 @@ def expert_xty(
     return _xty_groups(a_rows.contiguous(), b_rows.contiguous(), routing)
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """See ``triton_kernels.swiglu``."""
+    return swiglu_rows(gate_up)
+
+
 def swiglu_backward(
-    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """See ``triton_kernels.swiglu_backward``."""
     inter = gate_up.size(1) // 2
     gate, up, g = gate_up[:, :inter].float(), gate_up[:, inter:].float(), grad.float()
+    scale = row_scale.float()[:, None] if row_scale is not None else None
     sig = torch.sigmoid(gate)
     silu = gate * sig
-    d_scale = (g * silu * up).sum(1) if row_scale is not None else None
-    dh = g * row_scale.float()[:, None] if row_scale is not None else g
+    d_scale = (g * silu * up).sum(1) if scale is not None else None
+    dh = g * scale if scale is not None else g
     d_gate = dh * up * sig * (1 + gate * (1 - sig))
-    return torch.cat([d_gate, dh * silu], dim=1).to(gate_up.dtype), d_scale
+    h = None
+    if want_h:
+        h = (silu * up * scale if scale is not None else silu * up).to(gate_up.dtype)
+    return torch.cat([d_gate, dh * silu], dim=1).to(gate_up.dtype), d_scale, h

@@ -361,7 +361,38 @@ def expert_xty(
     return out
 
 
-# ----------------------------------------------------------------------------- swiglu_backward
+# ----------------------------------------------------------------------------- SwiGLU (row-wise)
+
+
+def _row_tiles(rows: int, inter: int) -> tuple[int, int, tuple[int]]:
+    block = min(256 if interpreting() else 1024, triton.next_power_of_2(inter))
+    block_r = max(1, 4096 // block)
+    return block_r, block, (triton.cdiv(rows, block_r),)
+
+
+@triton.jit
+def _swiglu_kernel(gate_up_ptr, h_ptr, rows, inter, stride_gu, stride_h, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    rs = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    r_mask = rs < rows
+    for c0 in range(0, inter, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = r_mask[:, None] & (cols < inter)[None, :]
+        gu = gate_up_ptr + rs[:, None] * stride_gu + cols[None, :]
+        gate = tl.load(gu, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu + inter, mask=mask, other=0.0).to(tl.float32)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(h_ptr + rs[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``[gate | up]`` rows (fp32 math)."""
+    gate_up = gate_up.contiguous()
+    rows, inter = gate_up.size(0), gate_up.size(1) // 2
+    h = gate_up.new_empty(rows, inter)
+    if rows:
+        block_r, block, grid = _row_tiles(rows, inter)
+        _swiglu_kernel[grid](gate_up, h, rows, inter, gate_up.stride(0), h.stride(0), BLOCK_R=block_r, BLOCK=block)
+    return h
 
 
 @triton.jit
@@ -371,12 +402,15 @@ def _swiglu_backward_kernel(
     scale_ptr,
     d_gate_up_ptr,
     d_scale_ptr,
+    h_ptr,
     rows,
     inter,
     stride_gu,
     stride_g,
     stride_dgu,
+    stride_h,
     SCALE: tl.constexpr,
+    STORE_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -403,40 +437,47 @@ def _swiglu_backward_kernel(
         dgu = d_gate_up_ptr + rs64[:, None] * stride_dgu + cols[None, :]
         tl.store(dgu, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
         tl.store(dgu + inter, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+        if STORE_H:
+            h = scale * silu * up
+            tl.store(h_ptr + rs64[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
     if SCALE:
         tl.store(d_scale_ptr + rs, tl.sum(dot, axis=1), mask=r_mask)
 
 
 def swiglu_backward(
-    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward of ``s_r * silu(gate) * up`` given ``grad`` of the unscaled product.
 
-    Returns ``d_gate_up`` and, with ``row_scale``, ``d_scale[r] = <grad_r, silu(gate_r) * up_r>`` (fp32).
+    Returns ``d_gate_up``, ``d_scale[r] = <grad_r, silu(gate_r) * up_r>`` (fp32, with
+    ``row_scale``) and, with ``want_h``, the recomputed ``s_r * silu(gate) * up`` (for the
+    down projection's weight gradient).
     """
-    rows, width = gate_up.shape
-    inter = width // 2
     gate_up, grad = gate_up.contiguous(), grad.contiguous()
+    rows, inter = gate_up.size(0), gate_up.size(1) // 2
     d_gate_up = torch.empty_like(gate_up)
     d_scale = torch.empty(rows, device=gate_up.device, dtype=torch.float32) if row_scale is not None else None
+    h = gate_up.new_empty(rows, inter) if want_h else None
     if rows == 0:
-        return d_gate_up, d_scale
-    block = min(256 if interpreting() else 1024, triton.next_power_of_2(inter))
-    block_r = max(1, 4096 // block)
-    _swiglu_backward_kernel[(triton.cdiv(rows, block_r),)](
+        return d_gate_up, d_scale, h
+    block_r, block, grid = _row_tiles(rows, inter)
+    _swiglu_backward_kernel[grid](
         gate_up,
         grad,
         row_scale if row_scale is not None else gate_up,
         d_gate_up,
         d_scale if d_scale is not None else gate_up,
+        h if h is not None else gate_up,
         rows,
         inter,
         gate_up.stride(0),
         grad.stride(0),
         d_gate_up.stride(0),
+        h.stride(0) if h is not None else 0,
         SCALE=row_scale is not None,
+        STORE_H=want_h,
         BLOCK_R=block_r,
         BLOCK=block,
         num_warps=8,
     )
-    return d_gate_up, d_scale
+    return d_gate_up, d_scale, h

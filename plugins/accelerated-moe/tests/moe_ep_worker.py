@@ -121,10 +121,11 @@ def check_experts(rank: int, world: int, port: int, backend: str) -> None:
 def check_plugin(rank: int, world: int, port: int, out_dir: str) -> None:
     """augment + prepare_trainer with ep_degree=2 on a tiny Mixtral, against the unsharded model."""
     _init(rank, world, port)
-    from fmsaccel_framework.plugin import TrainContext
-    from fmsaccel_moe.spec import MOE
     from moe_testing import tiny_model
     from transformers import AutoModelForCausalLM
+
+    from fmsaccel_framework.plugin import TrainContext
+    from fmsaccel_moe.spec import MOE
 
     reference = tiny_model("mixtral", seed=4, num_local_experts=4)
     plugin = MOE.build({"training.moe.scattermoe": {"ep_degree": 2, "disable_distributed": False, "backend": "auto"}})

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fmsaccel_moe import torch_kernels, triton_kernels
-from fmsaccel_moe.ops import ExpertLoRA, routed_experts
-from fmsaccel_moe.routing import route
 from moe_testing import DEVICE, max_diff
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+from fmsaccel_moe import torch_kernels, triton_kernels
+from fmsaccel_moe.ops import ExpertLoRA, routed_experts
+from fmsaccel_moe.routing import route
 
 BACKENDS = {"triton": triton_kernels, "grouped_mm": torch_kernels}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -100,16 +101,19 @@ def test_expert_xty_matches_reference(backend, dtype, gather_a, gather_b, swiglu
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_swiglu_backward_matches_autograd(backend):
+def test_swiglu_forward_and_backward_match_autograd(backend):
     gen = torch.Generator().manual_seed(2)
     gate_up = torch.randn(37, 2 * 300, generator=gen).to(DEVICE)
     grad = torch.randn(37, 300, generator=gen).to(DEVICE)
     scale = torch.rand(37, generator=gen).to(DEVICE)
-    d_gate_up, d_scale = BACKENDS[backend].swiglu_backward(gate_up, grad, scale)
+    h = BACKENDS[backend].swiglu(gate_up)
+    d_gate_up, d_scale, scaled_h = BACKENDS[backend].swiglu_backward(gate_up, grad, scale, want_h=True)
 
     gu, s = gate_up.clone().requires_grad_(), scale.clone().requires_grad_()
-    h = F.silu(gu[:, :300]) * gu[:, 300:]
-    (h * s[:, None] * grad).sum().backward()
+    ref_h = F.silu(gu[:, :300]) * gu[:, 300:]
+    (ref_h * s[:, None] * grad).sum().backward()
+    assert max_diff(h, ref_h) < 1e-5
+    assert max_diff(scaled_h, ref_h * s[:, None]) < 1e-5
     assert max_diff(d_gate_up, gu.grad) < 1e-5
     assert max_diff(d_scale, s.grad) < 1e-5
 
@@ -124,8 +128,8 @@ def _mixtral_experts(hidden: int, inter: int, experts: int, dtype) -> MixtralExp
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_routed_experts_match_huggingface_experts(backend, dtype):
+@pytest.mark.parametrize("dtype,fuse_swiglu", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, None)])
+def test_routed_experts_match_huggingface_experts(backend, dtype, fuse_swiglu):
     """Forward and every gradient (tokens, routing weights, both expert weights) against HF's loop."""
     torch.manual_seed(0)
     experts = _mixtral_experts(hidden=24, inter=20, experts=6, dtype=dtype)
@@ -140,7 +144,8 @@ def test_routed_experts_match_huggingface_experts(backend, dtype):
         return out, grads
 
     ref, ref_grads = run(experts)
-    out, grads = run(lambda *a: routed_experts(*a, experts.gate_up_proj, experts.down_proj, backend=backend))
+    out, grads = run(lambda *a: routed_experts(*a, experts.gate_up_proj, experts.down_proj, backend=backend,
+                                               fuse_swiglu=fuse_swiglu))
     tol = TOL[dtype]
     assert out.dtype == dtype
     assert max_diff(out, ref) <= tol * ref.abs().max().item()

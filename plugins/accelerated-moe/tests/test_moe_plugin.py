@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
+from moe_testing import DEVICE, max_diff, tiny_model
+from transformers import AutoModelForCausalLM
+
 from fmsaccel_framework.plugin import PluginError, TrainContext
 from fmsaccel_moe.patch import unpatch_site
 from fmsaccel_moe.rules import find_moe_sites
 from fmsaccel_moe.spec import MOE
-from moe_testing import DEVICE, max_diff, tiny_model
-from transformers import AutoModelForCausalLM
 
 
 def _plugin(**keys):

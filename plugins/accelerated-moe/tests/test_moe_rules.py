@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from moe_testing import ARCHS, DEVICE, max_diff, tiny_model
+
 from fmsaccel_framework.plugin import PluginError
 from fmsaccel_moe.patch import ExpertsSettings, is_patched, patch_site, unpatch_site
 from fmsaccel_moe.rules import RULES, find_moe_sites
-from moe_testing import ARCHS, DEVICE, max_diff, tiny_model
 
 
 def test_rule_table_covers_the_spec_architectures():
