@@ -96,10 +96,11 @@ def apply_rule(model: nn.Module, arch: dict[str, Any], kernel: str, options: Opt
         mlps = _instances(model, _classes(modeling, rule["mlp"]))
         if not all(_is_silu(m.act_fn) for m in mlps):
             raise RuleError(f"fast_swiglu needs a SiLU MLP activation; this model's is {type(mlps[0].act_fn).__name__}")
-        for mlp in mlps:
-            if "forward" not in mlp.__dict__:  # fused_lora's MLP forward already includes the SwiGLU
-                _set_forward(mlp, modules.swiglu_mlp_forward)
-        done.append((f"{'/'.join(rule['mlp'])}.forward -> triton swiglu", len(mlps)))
+        own = [mlp for mlp in mlps if "forward" not in mlp.__dict__]  # fused_lora's MLP forward has the SwiGLU
+        for mlp in own:
+            _set_forward(mlp, modules.swiglu_mlp_forward)
+        done.append((f"{'/'.join(rule['mlp'])}.forward -> triton swiglu", len(own)))
+        done.append((f"{'/'.join(rule['mlp'])}: triton swiglu inside the fused MLP", len(mlps) - len(own)))
 
     elif kernel == "fast_swiglu":
         experts = _instances(model, _classes(modeling, rule["experts"]))
@@ -122,10 +123,9 @@ def apply_rule(model: nn.Module, arch: dict[str, Any], kernel: str, options: Opt
     else:
         raise RuleError(f"unknown kernel {kernel}")
 
-    for what, count in done:
-        if count == 0:
-            raise RuleError(f"{kernel}: the rule matched no modules ({what})")
-    return done
+    if not any(count for _, count in done):
+        raise RuleError(f"{kernel}: the rule matched no modules ({'; '.join(what for what, _ in done)})")
+    return [(what, count) for what, count in done if count]
 
 
 def _lora_layer_ok(layer: nn.Module) -> None:
@@ -164,7 +164,7 @@ def _fusable_group(layers: list[nn.Module]) -> bool:
 def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str, int]]:
     done = []
     attentions = _instances(model, _classes(modeling, rule["attention"]))
-    patched = 0
+    qkv_patched = o_patched = 0
     for attn in attentions:
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         for layer in (*qkv, attn.o_proj):
@@ -172,11 +172,14 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
         if _fusable_group(qkv):
             _set_forward(attn, modules.fused_attention_forward(options.keep_weights))
             _mark_fused(qkv)
-            patched += 1
-        if _fusable_group([attn.o_proj]) and hasattr(attn.o_proj, "lora_A"):
+            qkv_patched += 1
+        if hasattr(attn.o_proj, "lora_A") and _fusable_group([attn.o_proj]):
             _set_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights))
             _mark_fused([attn.o_proj])
-    done.append((f"{'/'.join(rule['attention'])} q/k/v -> one fused LoRA op, o_proj fused", patched))
+            o_patched += 1
+    name = "/".join(rule["attention"])
+    done.append((f"{name} q/k/v -> one fused LoRA op", qkv_patched))
+    done.append((f"{name} o_proj -> fused LoRA op", o_patched))
     if "mlp" in rule:
         mlps = _instances(model, _classes(modeling, rule["mlp"]))
         patched = 0

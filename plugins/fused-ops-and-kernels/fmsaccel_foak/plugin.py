@@ -10,6 +10,7 @@ activation checkpointing when gradient checkpointing is on.
 from __future__ import annotations
 
 import torch
+
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from .patching import Options, RuleError, apply_rule, is_fused

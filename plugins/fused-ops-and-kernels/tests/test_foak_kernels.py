@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+
 from fmsaccel_foak import ops, reference
 from fmsaccel_foak.ops import fused_linear_ce
 from fmsaccel_foak.runtime import can_launch

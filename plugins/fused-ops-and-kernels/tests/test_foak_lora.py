@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fmsaccel_foak.ops import fused_lora
 from foak_testing import DEVICE, QUANTIZE
 from peft import LoraConfig, get_peft_model
 from torch import nn
+
+from fmsaccel_foak.ops import fused_lora
 
 
 class Block(nn.Module):

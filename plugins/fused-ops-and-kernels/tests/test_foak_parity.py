@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fmsaccel_foak.spec import FOAK
-from fmsaccel_framework.plugin import TrainContext
 from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
 from peft import LoraConfig, get_peft_model
+
+from fmsaccel_foak.spec import FOAK
+from fmsaccel_framework.plugin import TrainContext
 
 STEPS = 50
 PATH = "peft.quantization.fused_ops_and_kernels"

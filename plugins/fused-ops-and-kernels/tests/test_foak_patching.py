@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
+from peft import LoraConfig, get_peft_model
+
 from fmsaccel_foak import ops
 from fmsaccel_foak.spec import FOAK
 from fmsaccel_framework.plugin import PluginError, TrainContext
-from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
-from peft import LoraConfig, get_peft_model
 
 PATH = "training.fused_ops_and_kernels"
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "granite"]
@@ -197,10 +198,12 @@ def test_report_lists_every_replacement():
     build(base_layer="bitsandbytes", fused_lora=True, **ALL_KERNELS).augment(model, ctx)
     lines = "\n".join(ctx.report.lines())
     for expected in ("LlamaRMSNorm.forward -> triton rms_norm: 5", "apply_rotary_pos_emb -> triton rope",
-                     "LlamaAttention q/k/v -> one fused LoRA op, o_proj fused: 2",
+                     "LlamaAttention q/k/v -> one fused LoRA op: 2", "LlamaAttention o_proj -> fused LoRA op: 2",
                      "LlamaMLP gate/up -> one fused op + triton swiglu, down fused: 2",
+                     "LlamaMLP: triton swiglu inside the fused MLP: 2",
                      "LlamaForCausalLM.forward -> chunked fused linear+cross-entropy"):
         assert expected in lines, lines
+    assert "LlamaMLP.forward -> triton swiglu" not in lines  # not counted twice
 
 
 # --- errors --------------------------------------------------------------------------------------------------------

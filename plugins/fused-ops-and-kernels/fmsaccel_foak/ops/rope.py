@@ -71,7 +71,7 @@ def _bhld(t: torch.Tensor, unsqueeze_dim: int) -> tuple[int, int, int, int, int,
 
 def _rotate(x, cos, sin, position_ids, unsqueeze_dim: int, backward: bool) -> torch.Tensor:
     rot = cos.shape[-1]
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(x)  # same layout as x: HF's q/k are transposed views of [B, L, H, D]
     if rot < x.shape[-1]:
         y[..., rot:] = x[..., rot:]
     batch, heads, seq, *sx = _bhld(x, unsqueeze_dim)
