@@ -19,7 +19,7 @@ import torch
 from fmsaccel_framework.plugin import PluginError
 
 from .ops import ExpertLoRA
-from .rules import MoERule
+from .rules import RULES, MoERule
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
@@ -63,6 +63,16 @@ def expert_lora_config(peft_config, rule: MoERule):
             params.append(key)
     config.target_parameters = params
     return config
+
+
+def peft_config_for(model, peft_config):
+    """The LoRA config to hand to ``get_peft_model`` for ``model``: experts moved to ``target_parameters``
+    on a supported MoE model, else unchanged. For loader plugins that apply PEFT before this plugin
+    runs (bitsandbytes / GPTQ QLoRA on an MoE model)."""
+    rule = RULES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if peft_config is None or rule is None or not wants_expert_lora(peft_config, rule):
+        return peft_config
+    return expert_lora_config(peft_config, rule)
 
 
 def expert_lora_factors(head: torch.nn.Module) -> dict[str, ExpertLoRA]:

@@ -159,3 +159,32 @@ def test_lora_on_attention_only_leaves_experts_to_trl():
     model = _plugin().augment(tiny_model("qwen2_moe"), ctx)
     assert ctx.peft_config is not None  # TRL applies it later
     assert not hasattr(model, "peft_config")
+
+
+def test_moe_with_4bit_qlora_and_lora_on_experts(tmp_path):
+    """bitsandbytes 4-bit attention + LoRA on attention and experts, PEFT applied first as the QLoRA loaders do."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    from fmsaccel_moe.lora import peft_config_for
+
+    tiny_model("mixtral", seed=5).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32,
+                                                 device_map={"": str(DEVICE)}, experts_implementation="eager")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "experts"])
+    model = get_peft_model(model, peft_config_for(model, lora))
+    ctx = _ctx()  # the loader consumed the LoRA config
+    model = _plugin(backend="triton").augment(model, ctx)
+    sites = find_moe_sites(model)
+    assert all(type(site.head).__name__ == "ParamWrapper" for site in sites)
+    assert ctx.report.entries[("accelerated-moe", "MixtralExperts.forward -> scattermoe (triton)")] == 2
+    _train(model, 3, lr=1e-2)
+
+    ids = _batch(6)["input_ids"]  # training mode: bitsandbytes' CPU inference path wants wider layers
+    ours = model(ids).logits.detach()
+    for site in sites:
+        unpatch_site(site)
+    assert max_diff(ours, model(ids).logits.detach()) < 1e-4
