@@ -74,6 +74,7 @@ class FusedOpsPlugin(AccelerationPlugin):
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         base = transformers_model(trainer.model)
+        self._note_replaced_experts(base, ctx)
         if self.keys["fast_loss"] == "fused_ce_liger":
             # TRL's SFTTrainer put its own fused-LM-head forward on the model after augment; ours answers both
             rules = RULES[base.config.model_type]
@@ -84,6 +85,13 @@ class FusedOpsPlugin(AccelerationPlugin):
 
             enable_selective_checkpointing(base.base_model)
             ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
+
+    def _note_replaced_experts(self, base, ctx: TrainContext) -> None:
+        """A later plugin (accelerated-moe) may replace the experts' forward, with its own SwiGLU: say so."""
+        replaced = [m for m in base.modules() if "_apply_gate" in m.__dict__ and "forward" in m.__dict__]
+        if replaced:
+            ctx.report.note(self.name, f"{len(replaced)} {type(replaced[0]).__name__} modules got another forward "
+                                       "after foak (accelerated-moe); its SwiGLU runs instead of foak's _apply_gate")
 
     def _note_runtime(self, ctx: TrainContext) -> None:
         from .runtime import kernels_available
