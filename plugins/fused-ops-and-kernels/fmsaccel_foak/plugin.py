@@ -31,6 +31,13 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
 
 
+def _installed_forwards(base) -> list[tuple]:
+    """(module, attribute, bound method) of every foak forward on a submodule (the causal LM itself excluded)."""
+    return [(m, attr, m.__dict__[attr]) for m in base.modules() if m is not base
+            for attr in ("forward", "_apply_gate")
+            if getattr(m.__dict__.get(attr), "__module__", "").startswith("fmsaccel_foak")]
+
+
 class FusedOpsPlugin(AccelerationPlugin):
     def __init__(self, spec, config):
         super().__init__(spec, config)
@@ -66,6 +73,7 @@ class FusedOpsPlugin(AccelerationPlugin):
                 ctx.report.add(self.name, what, count)
         if "fused_lora" in self.requested:
             self._note_unfused(base, ctx)
+        self._installed = _installed_forwards(base)
         if self.keys["fast_loss"] is True:
             ctx.report.note(self.name, "fast_loss: true serves the model's own loss (materialised logits); under "
                                        "TRL's fused LM head the trainer's chunked loss runs instead, "
@@ -75,6 +83,10 @@ class FusedOpsPlugin(AccelerationPlugin):
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         base = transformers_model(trainer.model)
         self._note_replaced_experts(base, ctx)
+        lost = [m for m, attr, fn in getattr(self, "_installed", []) if m.__dict__.get(attr) is not fn]
+        if lost:
+            ctx.report.note(self.name, f"{len(lost)} modules patched by foak ({type(lost[0]).__name__}, ...) got "
+                                       "another forward from a later plugin; foak's does not run there")
         if self.keys["fast_loss"] == "fused_ce_liger":
             # TRL's SFTTrainer put its own fused-LM-head forward on the model after augment; ours answers both
             rules = RULES[base.config.model_type]

@@ -244,3 +244,16 @@ def test_one_config_path_only():
     values = {k: v.default for k, v in FOAK.paths[PATH].items()}
     with pytest.raises(PluginError, match="exactly one"):
         FOAK.build({PATH: values, "peft.quantization.fused_ops_and_kernels": values})
+
+
+def test_forwards_replaced_by_a_later_plugin_are_reported():
+    """A later plugin (aadp, moe) that swaps a forward foak installed must not leave the report claiming it."""
+    model = tiny_model("mixtral")
+    plugin, ctx = build(fast_rms_layernorm=True, fast_swiglu=True), TrainContext(args={})
+    model = plugin.augment(model, ctx)
+    model.model.norm.forward = lambda x: x
+    model.model.layers[0].mlp.experts.forward = lambda *args: args[0]
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    notes = " ".join(note for _, note in ctx.report.notes)
+    assert "1 modules patched by foak (MixtralRMSNorm, ...) got another forward" in notes
+    assert "1 MixtralExperts modules got another forward after foak" in notes
