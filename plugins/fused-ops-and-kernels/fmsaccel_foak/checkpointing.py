@@ -23,12 +23,23 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 logger = logging.getLogger("fmsaccel_foak")
-_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+_ATTENTION_OPS = {
+    "aten": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"),
+    "flash_attn": ("_flash_attn_forward", "_flash_attn_varlen_forward"),  # the flash-attn package, when loaded
+}
 
 
 def attention_ops() -> set:
-    return {getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)}
+    """The attention kernels' forward ops that exist in this process."""
+    found = set()
+    for namespace, names in _ATTENTION_OPS.items():
+        for name in names:
+            try:
+                found.add(getattr(getattr(torch.ops, namespace), name).default)
+            except (AttributeError, RuntimeError):
+                continue
+    return found
 
 
 def keep_attention_policy(ops: set):
