@@ -109,6 +109,10 @@ def prepare(resolved: Resolved, opts: LaunchOptions):
     active = validate(resolved)
     if opts.nproc_per_node < 1:
         raise RecipeError("--nproc-per-node must be at least 1")
+    from . import distributed  # the `distributed` section against the world size and the plugins
+
+    resolved.notes += distributed.check(resolved.args, active, opts.nproc_per_node * max(opts.nnodes, 1),
+                                        resolved.sources)
     data = str(resolved.args.get("training_data_path", ""))
     if not data.startswith(("builtin:", "workload:")) and not Path(data).expanduser().exists():
         raise RecipeError(f"training data '{data}' not found (a local .json/.jsonl file, a datasets folder, "

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from fmsaccel_framework.plugin import AccelerationFramework, PluginError, TrainContext
 
-from . import data, models, recipes
+from . import data, distributed, models, recipes
 
 PROGRESS_TAG = "FMSACCEL_PROGRESS"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": torch.bfloat16}
@@ -61,6 +61,7 @@ def build_sft_config(args: dict[str, Any]) -> SFTConfig:
         kwargs["bf16"], kwargs["fp16"] = False, True
     elif dtype == "float32":
         kwargs["bf16"] = kwargs["fp16"] = False
+    distributed.apply_to_sft_config(kwargs, args)  # ddp/fsdp settings from the `distributed` section
     return SFTConfig(**kwargs)
 
 
@@ -197,6 +198,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     attn = args.get("attn_implementation") or ("flash_attention_2" if args.get("use_flash_attn") and
                                                _has_flash_attn() else "sdpa")
     ctx.extras["attn_implementation"] = attn
+    distributed.describe(sft_config, ctx, framework.loader.name if framework.loader is not None else None)
     if framework.loader is not None:
         model = framework.load_model(str(model_path), ctx)
     else:
@@ -239,16 +241,19 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     interrupted = metrics.stop_requested
 
-    tokens_per_second, measured_time, measured_tokens = metrics.throughput()
-    losses = [float(x) for x in metrics.step_losses]
+    _, seconds, tokens = metrics.throughput()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # every rank's tokens and the mean loss over ranks (one collective each, after training)
+    losses, total_tokens, measured_time = distributed.reduce_metrics(metrics.step_losses, tokens, seconds)
+    total_tokens_per_second = total_tokens / measured_time if measured_time > 0 else 0.0
+    tokens_per_second = total_tokens_per_second / world  # all ranks' tokens, per device
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     result = {
         "recipe": cfg.get("recipe"),
         "plugins": [p.name for p in framework.plugins],
         "train_tokens_per_second": tokens_per_second,
-        "train_tokens_per_second_total": tokens_per_second * world,
-        "measured_tokens": measured_tokens,
+        "train_tokens_per_second_total": total_tokens_per_second,
+        "measured_tokens": int(total_tokens),
         "measured_seconds": measured_time,
         "train_runtime": train_result.metrics.get("train_runtime"),
         "train_samples_per_second": train_result.metrics.get("train_samples_per_second"),

@@ -1,0 +1,300 @@
+"""Multi-GPU runs: the ``distributed`` argument section, its checks, and what it changes in a run.
+
+A recipe (or ``--set distributed.strategy=fsdp``) picks how ``--nproc-per-node N`` processes share the work::
+
+    distributed:
+      strategy: ddp                     # ddp (default) or fsdp
+      fsdp:                             # read only with strategy fsdp
+        sharding: full_shard            # full_shard | shard_grad_op
+        cpu_ram_efficient_loading: true # rank 0's weights are broadcast into the sharded model
+        activation_checkpointing: null  # null: follow gradient_checkpointing
+        offload_params: false           # keep the parameter shards in CPU memory
+
+- **ddp**: every rank holds the whole model; gradients are all-reduced. ``ddp_find_unused_parameters``
+  is turned off (LoRA and dense models use every trainable parameter each step; the unused-parameter
+  search costs a graph walk per step), except for mixture-of-experts models, where a step may route no
+  token to an expert.
+- **fsdp**: FSDP2 through transformers/accelerate. Every decoder layer is its own shard unit (the class
+  comes from the model's ``_no_split_modules``, read from its config without loading weights); mixed
+  precision follows ``torch_dtype``; an adapter is saved from a full state dict, i.e. a normal PEFT
+  adapter. FSDP's own activation checkpointing replaces transformers' gradient checkpointing (both at
+  once would checkpoint twice), so ``gradient_checkpointing: true`` turns into the former.
+
+Launch-time checks (``check``) turn every combination that cannot work into one line before any process
+starts. ``reduce_metrics`` makes ``metrics.json`` describe all ranks, not rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .recipes import RecipeError, closest
+
+STRATEGIES = ("ddp", "fsdp")
+# FSDP2 reshards a layer's parameters after its forward (full_shard) or keeps them gathered until its
+# backward (shard_grad_op: one all-gather less per layer and step, more memory). FSDP1-only strategies
+# (hybrid_shard, no_shard) are not offered: transformers 5 drives FSDP2.
+SHARDINGS = {"full_shard": True, "shard_grad_op": False}
+FSDP_KEYS = {
+    "sharding": "full_shard (parameters, gradients, optimizer state) or shard_grad_op (parameters stay "
+                "gathered from forward to backward)",
+    "cpu_ram_efficient_loading": "shard an empty model and broadcast rank 0's weights into it (full-precision "
+                                 "models; 4-bit checkpoints load on every rank)",
+    "activation_checkpointing": "FSDP's activation checkpointing per decoder layer; null follows "
+                                "gradient_checkpointing",
+    "offload_params": "keep parameter shards (and their gradients) in CPU memory",
+}
+TOP_KEYS = {"strategy": "ddp or fsdp", "fsdp": "FSDP options (strategy fsdp only)"}
+MOE_PATH = "training.moe.scattermoe"
+BNB_PATH = "peft.quantization.bitsandbytes"
+GPTQ_PATH = "peft.quantization.auto_gptq"
+
+
+@dataclass(frozen=True)
+class Settings:
+    strategy: str = "ddp"
+    sharding: str = "full_shard"
+    cpu_ram_efficient_loading: bool = True
+    activation_checkpointing: bool | None = None
+    offload_params: bool = False
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp"
+
+
+def settings(args: dict[str, Any], source: str = "arguments") -> Settings:
+    """The validated ``distributed`` section (defaults filled in); a ``RecipeError`` names the bad key."""
+    section = args.get("distributed")
+    if section is None:
+        return Settings()
+    if isinstance(section, str):  # `distributed: fsdp` is read as the strategy
+        section = {"strategy": section}
+    if not isinstance(section, dict):
+        raise RecipeError(f"{source}: distributed must be a mapping such as {{strategy: fsdp}} (got {section!r})")
+    _unknown_keys(section, TOP_KEYS, "distributed", source)
+    strategy = section.get("strategy", "ddp")
+    if strategy not in STRATEGIES:
+        raise RecipeError(f"{source}: distributed.strategy = {strategy!r} is not one of: "
+                          f"{', '.join(STRATEGIES)}{closest(strategy, STRATEGIES)}")
+    fsdp = section.get("fsdp") or {}
+    if not isinstance(fsdp, dict):
+        raise RecipeError(f"{source}: distributed.fsdp must be a mapping of FSDP options (got {fsdp!r})")
+    _unknown_keys(fsdp, FSDP_KEYS, "distributed.fsdp", source)
+    sharding = fsdp.get("sharding", "full_shard")
+    if sharding not in SHARDINGS:
+        hint = closest(sharding, SHARDINGS) or (" (hybrid_shard/no_shard are FSDP1-only; transformers 5 runs FSDP2)"
+                                                if sharding in ("hybrid_shard", "no_shard") else "")
+        raise RecipeError(f"{source}: distributed.fsdp.sharding = {sharding!r} is not one of: "
+                          f"{', '.join(SHARDINGS)}{hint}")
+    for key, allowed in (("cpu_ram_efficient_loading", (bool,)), ("activation_checkpointing", (bool, type(None))),
+                         ("offload_params", (bool,))):
+        if key in fsdp and not isinstance(fsdp[key], allowed):
+            raise RecipeError(f"{source}: distributed.fsdp.{key} = {fsdp[key]!r} must be "
+                              f"{'true, false or null' if type(None) in allowed else 'true or false'}")
+    return Settings(strategy=strategy, sharding=sharding,
+                    cpu_ram_efficient_loading=fsdp.get("cpu_ram_efficient_loading", True),
+                    activation_checkpointing=fsdp.get("activation_checkpointing"),
+                    offload_params=fsdp.get("offload_params", False))
+
+
+def _unknown_keys(section: dict, known: dict[str, str], prefix: str, source: str) -> None:
+    for key in section:
+        if key not in known:
+            raise RecipeError(f"{source}: unknown key {prefix}.{key}{closest(key, known)} "
+                              f"(accepted: {', '.join(known)})")
+
+
+def _checkpointing(kwargs: dict[str, Any]) -> bool:
+    """transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (5.17 knows only the old name)."""
+    return bool(kwargs.get("activation_checkpointing") or kwargs.get("gradient_checkpointing"))
+
+
+# ---------------------------------------------------------------------------------------------- launch checks
+
+
+def check(args: dict[str, Any], active, world_size: int, sources: dict[str, str] | None = None) -> list[str]:
+    """Refuse what cannot work with ``world_size`` processes; return notes worth printing before the launch.
+
+    ``active`` is ``recipes.validate``'s list of (plugin spec, {config path: keys}).
+    """
+    source = (sources or {}).get("args.distributed", "arguments")
+    dist = settings(args, source)
+    notes: list[str] = []
+    cfg = {path: keys for _, c in active for path, keys in c.items()}
+
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = args.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecipeError(f"{(sources or {}).get(f'args.{key}', 'arguments')}: {key} = {value!r} must be a "
+                              "whole number >= 1")
+    if "training.dataloader.multipack" in cfg:
+        # the token budget per rank and step is per_device_train_batch_size x max_seq_length, and every example
+        # is truncated to max_seq_length, so the budget holds the longest example as long as both are positive
+        max_len = args.get("max_seq_length") or args.get("max_length")
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+            raise RecipeError(f"multipack sizes its per-rank token budget from max_seq_length; set it to a whole "
+                              f"number >= 1 (got {max_len!r})")
+        examples = args.get("num_train_examples")
+        if isinstance(examples, int) and examples < world_size:
+            raise RecipeError(f"multipack: num_train_examples {examples} cannot give each of {world_size} ranks "
+                              "a batch")
+
+    moe = cfg.get(MOE_PATH)
+    ep_degree = int(moe.get("ep_degree", 1)) if moe and not moe.get("disable_distributed") else 1
+    if ep_degree > 1:
+        if dist.fsdp:
+            raise RecipeError(f"plugins.{MOE_PATH}.ep_degree = {ep_degree} (expert parallelism) cannot run under "
+                              "distributed.strategy fsdp: expert parallelism shards the experts itself; use strategy "
+                              "ddp, or ep_degree 1 to let FSDP shard them")
+        if world_size % ep_degree:
+            raise RecipeError(f"plugins.{MOE_PATH}.ep_degree = {ep_degree} does not divide the {world_size} "
+                              f"process(es) (--nproc-per-node x --nnodes); launch a multiple of {ep_degree}")
+
+    if not dist.fsdp:
+        section = args.get("distributed")
+        if isinstance(section, dict) and section.get("fsdp"):
+            notes.append("distributed.fsdp options are ignored: distributed.strategy is ddp")
+        return notes
+
+    if world_size < 2:
+        raise RecipeError(f"{source}: distributed.strategy fsdp shards the model over processes, and this run has "
+                          "one; pass --nproc-per-node N (N >= 2), or drop the strategy for a single-process run")
+    bnb = cfg.get(BNB_PATH)
+    if bnb is not None:
+        dtype = str(args.get("torch_dtype", "bfloat16"))
+        storage = bnb.get("quant_storage")
+        if storage is not None and storage != dtype:
+            raise RecipeError(f"plugins.{BNB_PATH}.quant_storage = {storage} under FSDP must equal torch_dtype "
+                              f"({dtype}): FSDP casts sharded parameters to the compute dtype, which would corrupt "
+                              "the packed 4-bit weights; leave quant_storage unset")
+        notes.append(f"FSDP: the 4-bit weights are stored as {dtype} (bitsandbytes quant_storage) and sharded "
+                     "like any parameter")
+    if GPTQ_PATH in cfg:
+        notes.append("FSDP: GPTQ's packed 4-bit weights are buffers, replicated on every rank (never gathered in "
+                     "full precision); LoRA, embeddings, norms and lm_head are sharded")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------- SFTConfig
+
+
+def model_config(args: dict[str, Any]):
+    """The transformers config of the run's model, read without loading (or writing) weights; None if unknown."""
+    from . import models
+
+    name = str(args.get("model_name_or_path") or "")
+    if models.is_shape(name):
+        return models.build_config(name, args.get("shape_overrides"))
+    path = os.path.expanduser(name)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def decoder_layer_classes(config) -> list[str] | None:
+    """The model's decoder-layer class names (its ``_no_split_modules``), from the causal-LM class of ``config``."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    model_class = getattr(transformers, name, None) if name else None
+    layers = getattr(model_class, "_no_split_modules", None)
+    return list(layers) if layers else None
+
+
+def _is_moe(config) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(getattr(text, key, 0) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def apply_to_sft_config(kwargs: dict[str, Any], args: dict[str, Any]) -> None:
+    """Add the strategy's settings to the SFTConfig keyword arguments (in place)."""
+    dist = settings(args)
+    config = model_config(args)
+    if not dist.fsdp:
+        if "ddp_find_unused_parameters" not in kwargs and config is not None and not _is_moe(config):
+            kwargs["ddp_find_unused_parameters"] = False
+        return
+    checkpointing = dist.activation_checkpointing
+    if checkpointing is None:
+        checkpointing = _checkpointing(kwargs)
+    fsdp_config: dict[str, Any] = {
+        "version": 2,
+        "reshard_after_forward": SHARDINGS[dist.sharding],
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_ram_efficient_loading": dist.cpu_ram_efficient_loading,
+        "state_dict_type": "FULL_STATE_DICT",  # save_model gathers the adapter into a normal PEFT file
+        "activation_checkpointing": checkpointing,
+        "cpu_offload": dist.offload_params,
+    }
+    layers = decoder_layer_classes(config) if config is not None else None
+    if layers:
+        fsdp_config["transformer_layer_cls_to_wrap"] = layers
+    if checkpointing:  # FSDP checkpoints each layer itself; transformers' checkpointing on top would do it twice
+        kwargs["gradient_checkpointing"] = False
+        if "activation_checkpointing" in kwargs:
+            kwargs["activation_checkpointing"] = False
+        kwargs.pop("gradient_checkpointing_kwargs", None)
+    kwargs["fsdp"] = True
+    kwargs["fsdp_config"] = fsdp_config
+
+
+# ---------------------------------------------------------------------------------------------- training process
+
+
+def describe(sft_config, ctx, loader_name: str | None) -> None:
+    """Before the model is loaded: settle what the loader implies for FSDP and say what will happen."""
+    dist = settings(ctx.args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not dist.fsdp:
+        if world > 1:
+            ctx.report.note("distributed", f"DDP over {world} processes"
+                            + (", find_unused_parameters off" if sft_config.ddp_find_unused_parameters is False
+                               else ""))
+        return
+    plugin_args = sft_config.fsdp_plugin_args or {}
+    if loader_name is not None and plugin_args.get("cpu_ram_efficient_loading"):
+        # accelerate broadcasts parameters only; 4-bit weights (bnb Params4bit, GPTQ buffers) load on every rank
+        plugin_args["cpu_ram_efficient_loading"] = False
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        ctx.report.note("distributed", f"FSDP: {loader_name} loads its 4-bit checkpoint on every rank "
+                                       "(cpu_ram_efficient_loading applies to full-precision models)")
+    layers = ", ".join(sft_config.fsdp_config.get("transformer_layer_cls_to_wrap") or ["the model's _no_split_modules"])
+    ctx.report.note("distributed", f"FSDP2 over {world} processes: {dist.sharding}, one shard unit per {layers}, "
+                                   f"{'params offloaded to CPU, ' if dist.offload_params else ''}"
+                                   f"mixed precision {str(ctx.torch_dtype).removeprefix('torch.')}")
+    if plugin_args.get("activation_checkpointing"):
+        ctx.report.note("distributed", "FSDP activation checkpointing per decoder layer (replaces transformers' "
+                                       "gradient checkpointing; foak's selective checkpointing does not apply)")
+
+
+def reduce_metrics(step_losses: list, tokens: float, seconds: float) -> tuple[list[float], float, float]:
+    """(per-step loss averaged over ranks, tokens summed over ranks, slowest rank's seconds).
+
+    A rank's training-step loss is its token sum over the global token count times the world size
+    (transformers scales it so that DDP's gradient average is a global token mean), so the mean over
+    ranks is the loss a single process would report for the same global batch. One collective per
+    quantity at the end of training; nothing runs per step.
+    """
+    import torch
+    import torch.distributed as dist
+
+    losses = [float(x) for x in step_losses]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return losses, tokens, seconds
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    world = dist.get_world_size()
+    # [seconds, steps, -steps] by max: the slowest rank, and whether every rank logged the same number of steps
+    extremes = torch.tensor([seconds, len(losses), -len(losses)], dtype=torch.float64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    slowest, most, fewest = extremes.tolist()
+    same_steps = most == -fewest
+    summed = torch.tensor([tokens, *(losses if same_steps else [])], dtype=torch.float64, device=device)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    values = summed.tolist()
+    return ([v / world for v in values[1:]] if same_steps else losses), values[0], slowest
