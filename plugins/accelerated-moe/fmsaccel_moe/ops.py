@@ -45,18 +45,34 @@ def backend_module(name: str) -> ModuleType:
     raise ValueError(f"unknown MoE backend {name!r}; expected one of {BACKENDS}")
 
 
+def _save_weight(ctx, weight) -> torch.Tensor | None:
+    """A 4-bit expert weight (``quantized.QuantizedExpertWeight``) is kept as is and dequantised
+    again in backward; returns the tensor to save (None for those)."""
+    ctx.quantized = None if isinstance(weight, torch.Tensor) else weight
+    return weight if ctx.quantized is None else None
+
+
+def _weight(ctx, saved: torch.Tensor | None) -> torch.Tensor:
+    return saved if ctx.quantized is None else ctx.quantized.dequantize()
+
+
+def _dense(weight) -> torch.Tensor:
+    return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+
 class ExpertLinear(torch.autograd.Function):
     """``y[r] = x[row(r)] @ W[e(r)]^T`` in sorted-row order (rows gathered from tokens with ``gather``)."""
 
     @staticmethod
     def forward(ctx, x, weight, routing: Routing, gather: bool, backend: ModuleType):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, _save_weight(ctx, weight))
         ctx.routing, ctx.gather, ctx.backend = routing, gather, backend
-        return backend.expert_mm(x, weight, routing, gather=gather)
+        return backend.expert_mm(x, _dense(weight), routing, gather=gather)
 
     @staticmethod
     def backward(ctx, d_y):
         x, weight = ctx.saved_tensors
+        weight = _weight(ctx, weight)
         routing, gather, backend = ctx.routing, ctx.gather, ctx.backend
         d_y = d_y.contiguous()
         d_x = d_w = None
@@ -73,8 +89,9 @@ class SwigluDownCombine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, down, routing: Routing, weights, backend: ModuleType, fuse: bool):
-        ctx.save_for_backward(gate_up, down, weights)
+        ctx.save_for_backward(gate_up, _save_weight(ctx, down), weights)
         ctx.routing, ctx.backend, ctx.fuse = routing, backend, fuse
+        down = _dense(down)
         if fuse:
             rows = backend.expert_mm(gate_up, down, routing, swiglu=True, scatter=True, row_scale=weights)
         else:
@@ -84,6 +101,7 @@ class SwigluDownCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         gate_up, down, weights = ctx.saved_tensors
+        down = _weight(ctx, down)
         routing, backend, fuse = ctx.routing, ctx.backend, ctx.fuse
         d_out = d_out.to(down.dtype).contiguous()
         # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
@@ -136,7 +154,8 @@ def routed_experts(
 ) -> torch.Tensor:
     """SwiGLU experts over ``[T, H]`` tokens routed to ``top_k_index`` ([T, K]).
 
-    ``gate_up_proj: [E, 2I, H]`` and ``down_proj: [E, H, I]`` in Hugging Face's layout.
+    ``gate_up_proj: [E, 2I, H]`` and ``down_proj: [E, H, I]`` in Hugging Face's layout
+    (tensors, or frozen 4-bit ``QuantizedExpertWeight``s).
     ``top_k_weights=None`` leaves the rows unscaled (expert parallelism scales them on
     the rank that owns the tokens). ``fuse_swiglu=None`` applies ``FUSE_SWIGLU_MAX_HIDDEN``.
     """

@@ -6,7 +6,9 @@
    ``target_parameters`` (``ctx.peft_config`` becomes None);
 3. with ``ep_degree > 1``, shards the experts over the EP group;
 4. picks the GEMM backend and replaces each experts module's forward;
-5. keeps the auxiliary load-balancing loss in the loss when the run asks for it.
+5. on a bitsandbytes 4-bit model with frozen experts (QLoRA), keeps the expert
+   weights 4-bit too (``quantized``);
+6. keeps the auxiliary load-balancing loss in the loss when the run asks for it.
 
 ``prepare_trainer`` (sharded experts only) tells DDP to leave the shards alone,
 averages their gradients, makes gradient clipping use the whole model's norm and
@@ -26,6 +28,7 @@ from . import expert_parallel
 from .backend import ExpertShape, resolve_backend
 from .lora import expert_lora_config, wants_expert_lora
 from .patch import ExpertsSettings, is_patched, patch_site
+from .quantized import four_bit_quant_type, quantize_experts
 from .rules import find_moe_sites
 
 CONFIG_PATH = "training.moe.scattermoe"
@@ -72,6 +75,7 @@ class MoEPlugin(AccelerationPlugin):
                 f"{sites[0].experts.gate_up_proj.size(0)} per rank, all-to-all token exchange",
             )
 
+        _keep_experts_4bit(model, sites, ctx, self.name)
         shapes = {_shape(site, model.config) for site in sites}
         tokens = int(ctx.args.get("per_device_train_batch_size", 8)) * int(ctx.args.get("max_seq_length", 1024))
         backend, why = resolve_backend(self.backend, shapes, tokens)
@@ -94,10 +98,11 @@ class MoEPlugin(AccelerationPlugin):
         if self.shard is None:
             return
         experts = [site.experts for site in self.sites]
-        params = [getattr(m, name) for m in experts for name in expert_parallel.EXPERT_PARAMETERS]
-        ids = {id(p) for p in params}
-        names = [name for name, p in trainer.model.named_parameters() if id(p) in ids]
-        trainer.model._ddp_params_and_buffers_to_ignore = names
+        weights = [getattr(m, name) for m in experts for name in expert_parallel.EXPERT_PARAMETERS]
+        params = [w for w in weights if isinstance(w, torch.nn.Parameter)]
+        ids = {id(p) for p in params} | {id(b) for m in experts for b in m.buffers()}  # 4-bit shards are buffers
+        named = [*trainer.model.named_parameters(), *trainer.model.named_buffers()]
+        trainer.model._ddp_params_and_buffers_to_ignore = [name for name, t in named if id(t) in ids]
         self.hooks = expert_parallel.average_expert_grads(params, self.shard)
         trainer.accelerator.clip_grad_norm_ = _ep_clip(trainer.accelerator, ids, self.shard)
         if any(p.requires_grad for p in params):
@@ -114,6 +119,21 @@ def _shape(site, config) -> ExpertShape:
         top_k=int(config.num_experts_per_tok),
         dtype=gate_up.dtype,
     )
+
+
+def _keep_experts_4bit(model, sites, ctx: TrainContext, plugin: str) -> None:
+    """QLoRA on a bitsandbytes 4-bit model: frozen expert weights go 4-bit as well."""
+    quant_type = four_bit_quant_type(model)
+    if quant_type is None:
+        return
+    frozen = [s for s in sites if not any(getattr(s.experts, n).requires_grad for n in ("gate_up_proj", "down_proj"))]
+    for site in frozen:
+        quantize_experts(site.experts, quant_type)
+    if frozen:
+        what = f"{type(frozen[0].experts).__name__} weights -> 4-bit {quant_type} (dequantised per use)"
+        ctx.report.add(plugin, what, len(frozen))
+    if len(frozen) < len(sites):
+        ctx.report.note(plugin, "4-bit model with trainable experts: their weights stay 16-bit")
 
 
 def _keep_aux_loss(model, ctx: TrainContext, plugin: str) -> None:

@@ -112,11 +112,11 @@ def _validate(site: MoESite, config) -> None:
         raise PluginError(f"{where} has no experts attribute {site.rule.experts!r}")
     experts = site.experts
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
+    if not all(isinstance(w, torch.Tensor) or hasattr(w, "dequantize") for w in (gate_up, down)):
         raise PluginError(f"{where}: experts have no fused gate_up_proj/down_proj parameters (transformers < 5?)")
     if gate_up.dim() != 3 or down.dim() != 3:
         raise PluginError(f"{where}: expected 3-D expert weights, got {tuple(gate_up.shape)} and {tuple(down.shape)}")
-    e, two_i, h = gate_up.shape
+    e, two_i, h = tuple(gate_up.shape)
     if tuple(down.shape) != (e, h, two_i // 2) or two_i % 2:
         raise PluginError(f"{where}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} disagree")
     for flag, bad in (("is_transposed", True), ("has_bias", True), ("has_gate", False)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -161,14 +162,18 @@ def test_lora_on_attention_only_leaves_experts_to_trl():
     assert not hasattr(model, "peft_config")
 
 
-def test_moe_with_4bit_qlora_and_lora_on_experts(tmp_path):
-    """bitsandbytes 4-bit attention + LoRA on attention and experts, PEFT applied first as the QLoRA loaders do."""
+def test_moe_with_4bit_qlora_and_lora_on_experts(tmp_path, monkeypatch):
+    """bitsandbytes 4-bit model, PEFT applied first as the QLoRA loaders do: the frozen experts go 4-bit
+    too, the forward adds the expert LoRA rows to the dequantised experts, the backward dequantises again."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
 
-    from fmsaccel_moe.lora import peft_config_for
+    from fmsaccel_moe.lora import expert_lora_factors, peft_config_for
+    from fmsaccel_moe.ops import routed_experts
+    from fmsaccel_moe.quantized import QuantizedExpertWeight
 
-    tiny_model("mixtral", seed=5).save_pretrained(tmp_path)
+    original = tiny_model("mixtral", seed=5)
+    original.save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32,
                                                  device_map={"": str(DEVICE)}, experts_implementation="eager")
@@ -177,14 +182,37 @@ def test_moe_with_4bit_qlora_and_lora_on_experts(tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "experts"])
     model = get_peft_model(model, peft_config_for(model, lora))
     ctx = _ctx()  # the loader consumed the LoRA config
-    model = _plugin(backend="triton").augment(model, ctx)
+    plugin = _plugin(backend="triton")
+    model = plugin.augment(model, ctx)
+    plugin.prepare_trainer(types.SimpleNamespace(model=model), ctx)  # re-validates the 4-bit experts
     sites = find_moe_sites(model)
     assert all(type(site.head).__name__ == "ParamWrapper" for site in sites)
-    assert ctx.report.entries[("accelerated-moe", "MixtralExperts.forward -> scattermoe (triton)")] == 2
-    _train(model, 3, lr=1e-2)
+    assert ctx.report.entries[("accelerated-moe", "MixtralExperts weights -> 4-bit nf4 (dequantised per use)")] == 2
+    experts = sites[0].experts
+    assert isinstance(experts.gate_up_proj, QuantizedExpertWeight) and experts.gate_up_proj.packed.dtype == torch.uint8
+    full = original.model.layers[0].mlp.experts.gate_up_proj
+    assert max_diff(experts.gate_up_proj.dequantize(), full) < 0.15 * full.abs().max().item()  # nf4 error
 
-    ids = _batch(6)["input_ids"]  # training mode: bitsandbytes' CPU inference path wants wider layers
-    ours = model(ids).logits.detach()
-    for site in sites:
-        unpatch_site(site)
-    assert max_diff(ours, model(ids).logits.detach()) < 1e-4
+    losses = _train(model, 4, lr=1e-2)
+    assert losses[-1] < losses[0]
+
+    calls = []
+    dequantize = QuantizedExpertWeight.dequantize
+    monkeypatch.setattr(QuantizedExpertWeight, "dequantize", lambda self: calls.append(self) or dequantize(self))
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(9, 32, generator=gen).to(DEVICE).requires_grad_()  # hidden_size of tiny_model
+    weights, index = torch.randn(9, 5, generator=gen).to(DEVICE).softmax(-1).topk(2, dim=-1)
+    lora_params = [p for n, p in sites[0].head.named_parameters() if "lora_" in n]
+    assert len(lora_params) == 4
+    out = sites[0].head(hidden, index, weights)
+    assert len(calls) == 2  # forward: gate_up and down
+    got = torch.autograd.grad(out.square().sum(), [hidden, *lora_params])
+    assert len(calls) == 4  # backward dequantises again instead of keeping 16-bit copies
+
+    factors = expert_lora_factors(sites[0].head)
+    ref = routed_experts(hidden, index, weights, experts.gate_up_proj.dequantize(), experts.down_proj.dequantize(),
+                         backend="grouped_mm", lora_gate_up=factors["gate_up_proj"], lora_down=factors["down_proj"])
+    want = torch.autograd.grad(ref.square().sum(), [hidden, *lora_params])
+    assert max_diff(out, ref) < 1e-4
+    for g, w in zip(got, want, strict=True):
+        assert max_diff(g, w) < 1e-4 * max(1.0, w.abs().max().item())
