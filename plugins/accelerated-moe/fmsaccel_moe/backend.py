@@ -9,10 +9,12 @@ means torch there.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from fmsaccel_framework.plugin import PluginError
 
@@ -54,6 +56,10 @@ def resolve_backend(requested: str, shapes: set[ExpertShape], tokens: int) -> tu
         return "grouped_mm", f"no GPU: {torch_name} on the CPU"
     timings = {name: sum(_time_backend(name, shape, tokens) for shape in shapes) for name in ("triton", "grouped_mm")}
     best = min(timings, key=timings.get)
+    if dist.is_initialized():  # every rank runs what rank 0 measured
+        choice = [best]
+        dist.broadcast_object_list(choice, src=0)
+        best = choice[0]
     detail = ", ".join(f"{name} {ms:.2f} ms" for name, ms in timings.items())
     shapes_text = "; ".join(str(s) for s in sorted(shapes, key=str))
     return best, f"auto: fwd+bwd per layer at {tokens} tokens ({shapes_text}): {detail} -> {best}"
@@ -61,7 +67,7 @@ def resolve_backend(requested: str, shapes: set[ExpertShape], tokens: int) -> tu
 
 def _time_backend(backend: str, shape: ExpertShape, tokens: int, repeats: int = 5) -> float:
     """Milliseconds for one forward+backward of one MoE layer on random routing."""
-    device = torch.device("cuda")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     gen = torch.Generator(device=device).manual_seed(0)
     e, h, i, k = shape.num_experts, shape.hidden, shape.intermediate, shape.top_k
     gate_up = (torch.randn(e, 2 * i, h, device=device, generator=gen) * h**-0.5).to(shape.dtype).requires_grad_()

@@ -87,6 +87,17 @@ def test_loss_parity_over_50_steps_with_aux_loss():
     assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < 2e-4
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    reference = tiny_model("granitemoe", seed=3)
+    model = _plugin(backend="triton").augment(copy.deepcopy(reference), _ctx())
+    for m in (model, reference):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        m(**_batch(4)).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert max_diff(p.grad, q.grad) < 1e-5, name
+
+
 def test_saved_checkpoint_has_the_original_layout_and_loads_in_plain_transformers(tmp_path):
     reference = tiny_model("granitemoe", seed=2)
     model = _plugin().augment(copy.deepcopy(reference), _ctx())
