@@ -22,15 +22,19 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def notice_once(key: str, message: str) -> None:
+    if key not in _noticed:
+        _noticed.add(key)
+        logger.warning("fmsaccel_foak: %s", message)
+
+
 def can_launch(kernel, tensor: torch.Tensor) -> bool:
     """True when ``kernel`` can run on ``tensor``'s device; otherwise note the fallback once."""
     if tensor.is_cuda or (tensor.device.type == "cpu" and is_interpreted(kernel)):
         return True
     op = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
-    if op not in _noticed:
-        _noticed.add(op)
-        logger.warning("fmsaccel_foak: %s cannot run on %s without a GPU or TRITON_INTERPRET=1; "
-                       "using the plain-torch reference", op, tensor.device.type)
+    notice_once(op, f"{op} cannot run on {tensor.device.type} without a GPU or TRITON_INTERPRET=1; "
+                    "using the plain-torch reference")
     return False
 
 

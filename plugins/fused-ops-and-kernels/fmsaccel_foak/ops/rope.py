@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..runtime import can_launch, num_warps, row_block
+from ..runtime import can_launch, notice_once, num_warps, row_block
 
 
 @triton.jit
@@ -123,9 +123,13 @@ def rope(
     """
     rot = cos.shape[-1]
     unsupported = (
-        unsqueeze_dim not in (1, 2) or q.dim() != 4 or rot % 2 or rot > q.shape[-1]
+        unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4 or rot % 2 or rot > q.shape[-1]
+        or cos.dim() != (2 if position_ids is not None else 3) or cos.shape != sin.shape
         or cos.stride(-1) != 1 or sin.stride() != cos.stride() or cos.requires_grad
     )
+    if unsupported:
+        notice_once("rope-layout", f"rope: q {tuple(q.shape)}, cos {tuple(cos.shape)} (unsqueeze_dim "
+                                   f"{unsqueeze_dim}) is not a layout the kernel takes; using the reference")
     if unsupported or not can_launch(_rope_kernel, q):
         return reference.rope(q, k, cos, sin, position_ids, unsqueeze_dim)
     return _RoPE.apply(q, k, cos, sin, position_ids, unsqueeze_dim)
