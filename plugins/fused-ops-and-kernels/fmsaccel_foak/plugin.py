@@ -46,6 +46,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             raise PluginError(f"configure fused_ops_and_kernels under exactly one of: {', '.join(PATHS)}")
         self.keys = config[active[0]]
         self.requested = [k for k in ORDER if self.keys[k]]
+        self._installed: list[tuple] = []  # foak forwards on submodules, checked again in prepare_trainer
 
     def augment(self, model, ctx: TrainContext):
         if not self.requested:
@@ -83,7 +84,7 @@ class FusedOpsPlugin(AccelerationPlugin):
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         base = transformers_model(trainer.model)
         self._note_replaced_experts(base, ctx)
-        lost = [m for m, attr, fn in getattr(self, "_installed", []) if m.__dict__.get(attr) is not fn]
+        lost = [m for m, attr, fn in self._installed if m.__dict__.get(attr) is not fn]
         if lost:
             ctx.report.note(self.name, f"{len(lost)} modules patched by foak ({type(lost[0]).__name__}, ...) got "
                                        "another forward from a later plugin; foak's does not run there")
