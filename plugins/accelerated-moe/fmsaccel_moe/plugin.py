@@ -95,6 +95,8 @@ class MoEPlugin(AccelerationPlugin):
         for site in find_moe_sites(trainer.model):
             if not is_patched(site.head):
                 patch_site(site, site.experts._fmsaccel_moe)
+        if getattr(trainer, "aux_loss_enabled", False):  # TRL's SFTTrainer decides from router_aux_loss_coef
+            ctx.report.note(self.name, f"load-balancing loss in the loss (coef {trainer.router_aux_loss_coef}, TRL)")
         if self.shard is None:
             return
         experts = [site.experts for site in self.sites]
@@ -139,6 +141,10 @@ def _keep_experts_4bit(model, sites, ctx: TrainContext, plugin: str) -> None:
 def _keep_aux_loss(model, ctx: TrainContext, plugin: str) -> None:
     """The router logits stay recorded, so HF adds the load-balancing loss when the run asks."""
     config = model.config
+    if not hasattr(config, "num_experts") and hasattr(config, "num_local_experts"):
+        # TRL's SFTTrainer turns the load-balancing loss on for MoE models and its chunked-loss forward
+        # reads config.num_experts, which Granite MoE configs call num_local_experts.
+        config.num_experts = config.num_local_experts
     if "output_router_logits" in ctx.args:
         config.output_router_logits = bool(ctx.args["output_router_logits"])
     if "router_aux_loss_coef" in ctx.args:
