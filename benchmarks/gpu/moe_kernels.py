@@ -28,8 +28,9 @@
    fp32 run of transformers' loop. The plugin's ``backend: auto`` makes the same
    triton-vs-grouped_mm comparison at start-up and uses the faster one.
 
-Run from the repository root on a CUDA machine (about 2 minutes on an H100, half of it
-Triton autotuning; needs no wheels beyond the project's requirements):
+Run from the repository root on a CUDA machine (about 2-3 minutes on an H100 on first use,
+most of it Triton compiling and autotuning, cached afterwards; needs nothing beyond the
+project's requirements: torch, triton, transformers):
 
     python benchmarks/gpu/moe_kernels.py                 # CSV -> $OUT/moe_kernels.csv
     python benchmarks/gpu/moe_kernels.py --out DIR       # CSV -> DIR/moe_kernels.csv
