@@ -247,7 +247,7 @@ def apply_to_sft_config(kwargs: dict[str, Any], args: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- training process
 
 
-def describe(sft_config, ctx, loader_name: str | None) -> None:
+def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
     """Before the model is loaded: settle what the loader implies for FSDP and say what will happen."""
     dist = settings(ctx.args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -271,6 +271,15 @@ def describe(sft_config, ctx, loader_name: str | None) -> None:
     if plugin_args.get("activation_checkpointing"):
         ctx.report.note("distributed", "FSDP activation checkpointing per decoder layer (replaces transformers' "
                                        "gradient checkpointing; foak's selective checkpointing does not apply)")
+
+
+def verify(trainer, ctx) -> None:
+    """After the trainer exists: FSDP was asked for, so accelerate must have turned it on (never silently DDP)."""
+    from fmsaccel_framework.plugin import PluginError
+
+    if settings(ctx.args).fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        raise PluginError("distributed.strategy fsdp: accelerate did not enable FSDP (it runs FSDP on GPUs only, and "
+                          "runs CPU processes data-parallel); use strategy ddp here")
 
 
 def reduce_metrics(step_losses: list, tokens: float, seconds: float) -> tuple[list[float], float, float]:

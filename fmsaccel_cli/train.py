@@ -198,7 +198,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     attn = args.get("attn_implementation") or ("flash_attention_2" if args.get("use_flash_attn") and
                                                _has_flash_attn() else "sdpa")
     ctx.extras["attn_implementation"] = attn
-    distributed.describe(sft_config, ctx, framework.loader.name if framework.loader is not None else None)
+    distributed.before_model_load(sft_config, ctx, framework.loader.name if framework.loader is not None else None)
     if framework.loader is not None:
         model = framework.load_model(str(model_path), ctx)
     else:
@@ -223,6 +223,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
         data_collator=framework.data_collator(ctx),
         callbacks=[metrics, *framework.callbacks(model, ctx)],
     )
+    distributed.verify(trainer, ctx)
     framework.prepare_trainer(trainer, ctx)
     trainer.model.register_forward_pre_hook(metrics.count_tokens, with_kwargs=True)
     if ctx.peft_config is not None or not framework.plugins:
