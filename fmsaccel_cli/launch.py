@@ -113,6 +113,9 @@ def prepare(resolved: Resolved, opts: LaunchOptions):
 
     resolved.notes += distributed.check(resolved.args, active, opts.nproc_per_node * max(opts.nnodes, 1),
                                         resolved.sources)
+    out = Path(str(resolved.args.get("output_dir", "")))
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir {out} exists and is not a folder")
     data = str(resolved.args.get("training_data_path", ""))
     if not data.startswith(("builtin:", "workload:")) and not Path(data).expanduser().exists():
         raise RecipeError(f"training data '{data}' not found (a local .json/.jsonl file, a datasets folder, "

@@ -122,8 +122,27 @@ class RunMetrics(TrainerCallback):
         self.start = time.perf_counter()
         self.first_step = state.global_step
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # FMSACCEL_PROFILE=1: profile the last two warm-up steps (never the measured ones)
+        if os.environ.get("FMSACCEL_PROFILE") and state.global_step - self.first_step == self.warmup_steps - 2:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+
+    def _write_profile(self, output_dir: str) -> None:
+        self._sync()
+        self.profiler.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = self.profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+        if is_main_process():
+            Path(output_dir, "profile.txt").write_text(table)
+            print(table, flush=True)
+        self.profiler = None
+
     def on_step_end(self, args, state, control, **kwargs):
         done = state.global_step - self.first_step
+        if getattr(self, "profiler", None) is not None and done == self.warmup_steps:
+            self._write_profile(args.output_dir)
         if done == self.warmup_steps:
             self._sync()
             self.time_at_warmup = time.perf_counter()
