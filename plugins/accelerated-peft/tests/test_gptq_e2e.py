@@ -6,12 +6,13 @@ import logging
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig
+
 from fmsaccel_framework.plugin import PluginError, TrainContext
 from fmsaccel_peft.gptq import QuantLinear, load_quantized, plugin
 from fmsaccel_peft.gptq.quantize import quantize_model
 from fmsaccel_peft.spec import GPTQ
-from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 KEYS = {"kernel": "triton_v2", "from_quantized": True, "use_external_lib": False}
 

@@ -6,8 +6,9 @@ import logging
 
 import pytest
 import torch
-from fmsaccel_peft.gptq import QuantLinear, dequantize, gptq_matmul, kernels, linear
 from torch import nn
+
+from fmsaccel_peft.gptq import QuantLinear, dequantize, gptq_matmul, kernels, linear
 
 # (in_features, out_features, group_size, act_order, checkpoint format): odd sizes on purpose
 CASES = [

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen2Config
+
 from fmsaccel_framework.plugin import PluginError
 from fmsaccel_peft.gptq import QuantLinear, load_quantized, packing, read_quant_config
 from fmsaccel_peft.gptq.quantize import quantize_model
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from fmsaccel_peft.gptq import QuantLinear, load_quantized, packing, quantize
-from fmsaccel_peft.gptq.quantize import gptq_quantize, quantize_model, rtn_quantize
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+from fmsaccel_peft.gptq import QuantLinear, load_quantized, packing, quantize
+from fmsaccel_peft.gptq.quantize import gptq_quantize, quantize_model, rtn_quantize
 
 
 def _correlated_inputs(n: int, features: int, seed: int = 0) -> torch.Tensor:

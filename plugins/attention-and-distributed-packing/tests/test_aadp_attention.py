@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import repeat_kv
+
 from fmsaccel_aadp import attention as A
 from fmsaccel_aadp.collator import collate_padding_free
-from transformers.models.llama.modeling_llama import repeat_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = (70, 1, 97, 33)  # odd sizes, a 1-token example, and a row longer than flex's 128-token block

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fmsaccel_aadp.collator import IGNORE_INDEX, PaddingFreeCollator, collate_padding_free, example_labels
 
 

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from fmsaccel_aadp.attention import register_attention
 from fmsaccel_aadp.collator import collate_padding_free
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from fmsaccel_aadp.multipack import MultipackBatchSampler, pack_balanced
 
 

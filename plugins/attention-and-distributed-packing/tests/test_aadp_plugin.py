@@ -3,6 +3,7 @@
 import pytest
 import torch
 from datasets import Dataset
+
 from fmsaccel_aadp.attention import ATTENTION_NAME_PREFIX
 from fmsaccel_aadp.collator import PaddingFreeCollator
 from fmsaccel_aadp.plugin import MULTIPACK, PADDING_FREE, example_lengths

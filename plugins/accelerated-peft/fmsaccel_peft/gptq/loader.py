@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fmsaccel_framework.plugin import PluginError
 from torch import nn
+
+from fmsaccel_framework.plugin import PluginError
 
 from .linear import QuantLinear
 from .packing import ZERO_OFFSET

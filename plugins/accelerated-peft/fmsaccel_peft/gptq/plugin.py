@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from .linear import QuantLinear
