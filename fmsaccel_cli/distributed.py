@@ -26,6 +26,7 @@ starts. ``reduce_metrics`` makes ``metrics.json`` describe all ranks, not rank 0
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -248,7 +249,12 @@ def apply_to_sft_config(kwargs: dict[str, Any], args: dict[str, Any]) -> None:
 
 
 def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
-    """Before the model is loaded: settle what the loader implies for FSDP and say what will happen."""
+    """Before the model is loaded: same random state on every rank, settle what the loader implies for FSDP."""
+    import torch
+
+    # The model's random parts (LoRA's A matrices) must start equal on every rank: FSDP2 shards each rank's own
+    # copy without a broadcast, and a rank that has just materialised a built-in shape has drawn from the RNG.
+    torch.manual_seed(int(ctx.args.get("seed", 42)))
     dist = settings(ctx.args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.fsdp:
@@ -280,6 +286,45 @@ def verify(trainer, ctx) -> None:
     if settings(ctx.args).fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         raise PluginError("distributed.strategy fsdp: accelerate did not enable FSDP (it runs FSDP on GPUs only, and "
                           "runs CPU processes data-parallel); use strategy ddp here")
+
+
+def save_model(trainer, output_dir: str) -> None:
+    """``trainer.save_model``, except where PEFT would miss the adapter under FSDP's activation checkpointing.
+
+    accelerate's checkpoint wrappers put ``_checkpoint_wrapped_module`` into every decoder layer's module
+    name, while the full state dict (torch cleans the names) has none, so PEFT matches no adapter weight
+    and writes an empty adapter. Rank 0 saves with the wrappers lifted out for the moment instead.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False) or not _has_checkpoint_wrappers(trainer.model):
+        trainer.save_model(output_dir)
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.args.should_save and hasattr(model, "peft_config"):
+        with _checkpoint_wrappers_lifted(model):
+            model.save_pretrained(output_dir, state_dict=state_dict)
+    elif trainer.args.should_save:
+        model.save_pretrained(output_dir, state_dict=state_dict)
+
+
+def _has_checkpoint_wrappers(model) -> bool:
+    return any(hasattr(m, "_checkpoint_wrapped_module") for m in model.modules())
+
+
+@contextlib.contextmanager
+def _checkpoint_wrappers_lifted(model):
+    lifted = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            inner = getattr(child, "_checkpoint_wrapped_module", None)
+            if inner is not None:
+                parent._modules[name] = inner
+                lifted.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in lifted:
+            parent._modules[name] = child
 
 
 def reduce_metrics(step_losses: list, tokens: float, seconds: float) -> tuple[list[float], float, float]:

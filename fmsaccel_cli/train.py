@@ -295,7 +295,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     if interrupted:
         log("stopped on SIGTERM after saving a checkpoint; continue with --resume")
         return 143
-    trainer.save_model(sft_config.output_dir)
+    distributed.save_model(trainer, sft_config.output_dir)  # trainer.save_model, plus an FSDP checkpointing fix
     if is_main_process():
         tokenizer.save_pretrained(sft_config.output_dir)
         out = Path(sft_config.output_dir) / "metrics.json"

@@ -175,13 +175,18 @@ def _same_losses(many: dict, one: dict) -> None:
 
 
 def _same_adapter(many_dir, one_dir) -> None:
+    import torch
     from safetensors.torch import load_file
 
     many, one = load_file(many_dir / "adapter_model.safetensors"), load_file(one_dir / "adapter_model.safetensors")
     assert sorted(many) == sorted(one)  # a normal PEFT adapter: same names, full shapes
     for name, tensor in one.items():
-        assert many[name].shape == tensor.shape
-        assert (many[name].float() - tensor.float()).abs().max() < 1e-3, name
+        assert many[name].dtype == tensor.dtype
+        # Adam moves a weight by about the learning rate per step whatever its gradient's size, so single weights
+        # with near-zero gradients may end a step apart; the tensor as a whole must agree (bf16 LoRA: its rounding)
+        limit = 5e-2 if tensor.dtype in (torch.bfloat16, torch.float16) else 1e-3
+        error = (many[name].float() - tensor.float()).norm() / tensor.float().norm()
+        assert error < limit, (name, float(error))
 
 
 @pytest.fixture(scope="module")
