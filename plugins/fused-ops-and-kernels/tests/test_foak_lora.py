@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fmsaccel_foak.ops import fused_lora
+from fmsaccel_foak.ops.lora import dropout_mask
 
 
 class Block(nn.Module):
@@ -23,6 +24,12 @@ class Block(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.o_proj(h)
 
 
+class _SameMaskDropout(nn.Dropout):
+    def forward(self, x):
+        mask = dropout_mask(x.reshape(-1, x.shape[-1]), self.p).view_as(x)
+        return x * mask / (1.0 - self.p)
+
+
 def _peft_block(base_layer, dropout, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
     torch.manual_seed(0)
     block = Block().to(DEVICE)
@@ -31,6 +38,10 @@ def _peft_block(base_layer, dropout, targets=("q_proj", "k_proj", "v_proj", "o_p
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(block, name, convert(getattr(block, name)))
     model = get_peft_model(block, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets)))
+    if dropout:  # PEFT's dropout, drawing its masks exactly as the fused op does (same RNG calls, same order)
+        for module in model.modules():
+            if hasattr(module, "lora_dropout"):
+                module.lora_dropout["default"] = _SameMaskDropout(dropout)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; a random B tests the full backward
             nn.init.normal_(p, std=0.1)
@@ -44,7 +55,7 @@ def _run(model, fused: bool, keep_weights: bool = False):
     h = torch.randn(2, 5, 64, generator=g).to(DEVICE).requires_grad_()
     seeds = [torch.randn(2, 5, n, generator=g).to(DEVICE) for n in (64, 32, 32, 64)]
     model.zero_grad()
-    torch.manual_seed(7)  # same dropout masks on both paths: the fused op draws them like nn.Dropout
+    torch.manual_seed(7)  # same dropout masks on both paths (see _SameMaskDropout)
     if fused:
         q, k, v = fused_lora(x, [inner.q_proj, inner.k_proj, inner.v_proj], keep_weights)
         (o,) = fused_lora(h, [inner.o_proj], keep_weights)
