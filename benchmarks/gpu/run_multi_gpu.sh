@@ -20,21 +20,24 @@ KINDS=${KINDS:-qlora gptq}
 STEPS=${STEPS:-12}
 WARMUP=${WARMUP:-4}
 BUDGET_S=${BUDGET_S:-510}
-RUNS=/tmp/multi-gpu-runs
+RUNS=/tmp/multi-gpu-runs  # other KINDS' runs from an earlier call on this warm machine stay in the table
+for kind in $KINDS; do rm -rf "$RUNS/$kind"-*; done
 mkdir -p $RUNS
 python3 -c "from fmsaccel_cli.models import materialize; print(materialize('llama3-8b'))" 2>&1 | tail -1
 echo "llama3-8b ready after $(( $(date +%s) - START )) s"
 
 recipe_of() { [ "$1" = qlora ] && echo accelerated-peft-bnb-foak-padding-free || echo accelerated-peft-autogptq-foak-padding-free; }
 
-# run NAME KIND GPUS BATCH [--set ...]: one `fmsaccel run`; its log goes to $RUNS/NAME.log
+# run NAME KIND GPUS BATCH [--set ...]: one `fmsaccel run`; its log goes to $RUNS/NAME.log. A fixed example count
+# keeps the generated workload the same for every batch size (by default it grows with the per-device batch).
 run() {
   local name=$1 kind=$2 gpus=$3 batch=$4; shift 4
   rm -rf "$RUNS/$name"
   timeout 240 fmsaccel run --recipe "$(recipe_of "$kind")" --model llama3-8b --data workload:R -o "$RUNS/$name" \
     --nproc-per-node "$gpus" --no-install --set max_steps="$STEPS" --set benchmark_warmup_steps="$WARMUP" \
     --set gradient_checkpointing=true --set max_seq_length=4096 --set save_strategy=no --set logging_steps=1 \
-    --set learning_rate=2.0e-4 --set lora_dropout=0.0 --set per_device_train_batch_size="$batch" "$@" \
+    --set learning_rate=2.0e-4 --set lora_dropout=0.0 --set per_device_train_batch_size="$batch" \
+    --set num_train_examples=$(( STEPS * 64 )) "$@" \
     > "$RUNS/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - START )) s"
 }
