@@ -71,8 +71,6 @@ def settings(args: dict[str, Any], source: str = "arguments") -> Settings:
     section = args.get("distributed")
     if section is None:
         return Settings()
-    if isinstance(section, str):  # `distributed: fsdp` is read as the strategy
-        section = {"strategy": section}
     if not isinstance(section, dict):
         raise RecipeError(f"{source}: distributed must be a mapping such as {{strategy: fsdp}} (got {section!r})")
     _unknown_keys(section, TOP_KEYS, "distributed", source)

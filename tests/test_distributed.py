@@ -32,9 +32,9 @@ GPTQ = "accelerated-peft-autogptq-foak-padding-free"
 # ---------------------------------------------------------------------------------------------- settings
 
 
-def test_settings_defaults_and_string_shorthand():
+def test_settings_defaults():
     assert distributed.settings({}) == distributed.Settings()
-    fsdp = distributed.settings({"distributed": "fsdp"})
+    fsdp = distributed.settings({"distributed": {"strategy": "fsdp"}})
     assert fsdp.fsdp and fsdp.sharding == "full_shard" and fsdp.cpu_ram_efficient_loading
     assert fsdp.activation_checkpointing is None and not fsdp.offload_params
 
@@ -45,7 +45,7 @@ def test_settings_defaults_and_string_shorthand():
     ({"stratgy": "fsdp"}, "did you mean 'strategy'"),
     ({"strategy": "fsdp", "fsdp": {"sharding": "hybrid_shard"}}, "FSDP1-only"),
     ({"strategy": "fsdp", "fsdp": {"offload_params": "yes"}}, "must be true or false"),
-    ([1, 2], "must be a mapping"),
+    ("fsdp", "must be a mapping such as {strategy: fsdp}"),
 ])
 def test_settings_errors_name_the_key(section, message):
     with pytest.raises(RecipeError, match=message):
