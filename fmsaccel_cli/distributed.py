@@ -17,11 +17,13 @@ A recipe (or ``--set distributed.strategy=fsdp``) picks how ``--nproc-per-node N
 - **fsdp**: FSDP2 through transformers/accelerate. Every decoder layer is its own shard unit (the class
   comes from the model's ``_no_split_modules``, read from its config without loading weights); mixed
   precision follows ``torch_dtype``; an adapter is saved from a full state dict, i.e. a normal PEFT
-  adapter. FSDP's own activation checkpointing replaces transformers' gradient checkpointing (both at
-  once would checkpoint twice), so ``gradient_checkpointing: true`` turns into the former.
+  adapter. ``gradient_checkpointing: true`` becomes FSDP's own activation checkpointing (both at once
+  would checkpoint twice) unless ``activation_checkpointing: false`` keeps transformers' (under FSDP2
+  it costs no second all-gather: a layer recomputed in the backward finds its parameters gathered).
 
 Launch-time checks (``check``) turn every combination that cannot work into one line before any process
-starts. ``reduce_metrics`` makes ``metrics.json`` describe all ranks, not rank 0.
+starts; ``verify`` refuses a run where accelerate left FSDP off (it does on CPUs). ``reduce_metrics``
+makes ``metrics.json`` describe all ranks, not rank 0.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from fmsaccel_framework.plugin import PluginError
 
 from .recipes import RecipeError, closest
 
@@ -279,8 +283,6 @@ def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
 
 def verify(trainer, ctx) -> None:
     """After the trainer exists: FSDP was asked for, so accelerate must have turned it on (never silently DDP)."""
-    from fmsaccel_framework.plugin import PluginError
-
     if settings(ctx.args).fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         raise PluginError("distributed.strategy fsdp: accelerate did not enable FSDP (it runs FSDP on GPUs only, and "
                           "runs CPU processes data-parallel); use strategy ddp here")
@@ -339,7 +341,8 @@ def reduce_metrics(step_losses: list, tokens: float, seconds: float) -> tuple[li
     losses = [float(x) for x in step_losses]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return losses, tokens, seconds
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    nccl = "nccl" in str(dist.get_backend())  # also "cuda:nccl,cpu:gloo"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     world = dist.get_world_size()
     # [seconds, steps, -steps] by max: the slowest rank, and whether every rank logged the same number of steps
     extremes = torch.tensor([seconds, len(losses), -len(losses)], dtype=torch.float64, device=device)
