@@ -49,7 +49,9 @@ def dequantize_base_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tenso
         import bitsandbytes.functional as bnbf
 
         weight = module.weight
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        # under FSDP the gathered weight is a plain Parameter; bitsandbytes keeps the state on the module too
+        state = getattr(weight, "quant_state", None) or module.quant_state
+        return bnbf.dequantize_4bit(weight.data, state).to(dtype)
     if kind == "auto_gptq":
         return module.dequantize(dtype)
     return module.weight.to(dtype)
