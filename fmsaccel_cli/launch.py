@@ -84,11 +84,20 @@ def write_config(resolved: Resolved, output_dir: Path) -> Path:
     return path
 
 
+USER_ERROR_MARK = b"[fmsaccel] error:"
+
+
 def stream(cmd: list[str]) -> int:
-    """Run the child in its own process group, forward SIGINT/SIGTERM, return its exit code."""
+    """Run the child in its own process group, forward SIGINT/SIGTERM, return its exit code.
+
+    stderr is relayed as it comes. Once a worker has printed a one-line user error
+    (``[fmsaccel] error: ...``), torchrun's own report of the failed worker (a
+    traceback from inside torch.distributed) is dropped: the user already has the line
+    that says what to fix.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
 
     def forward(signum, _frame):
         try:
@@ -98,10 +107,44 @@ def stream(cmd: list[str]) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return child.wait()
+        user_error = _relay_stderr(child.stderr)
+        code = child.wait()
+        return 2 if user_error and code != 0 else code  # torchrun turns a worker's 2 into 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _relay_stderr(pipe) -> bool:
+    """Copy ``pipe`` to our stderr through the end of the first user-error line; True if there was one.
+
+    Partial lines (progress bars end in ``\\r``) are forwarded at once; only the current
+    line is kept, to find the mark even when it arrives in pieces.
+    """
+    out = sys.stderr.buffer
+    line, marked = b"", False
+    while chunk := os.read(pipe.fileno(), 65536):
+        pos = 0
+        while pos < len(chunk):
+            newline = chunk.find(b"\n", pos)
+            piece = chunk[pos:] if newline < 0 else chunk[pos:newline + 1]
+            out.write(piece)
+            line = (line + piece)[-4096:]
+            marked = marked or USER_ERROR_MARK in line
+            if newline < 0:
+                break
+            if marked:  # the error line is complete: drop the rest (torchrun's report)
+                out.flush()
+                _drain(pipe)
+                return True
+            line, pos = b"", newline + 1
+        out.flush()
+    return marked
+
+
+def _drain(pipe) -> None:
+    while os.read(pipe.fileno(), 65536):
+        pass
 
 
 def prepare(resolved: Resolved, opts: LaunchOptions):

@@ -133,3 +133,11 @@ def test_plugins_list_and_env():
         assert name in out.stdout
     out = cli("env", env={"COLUMNS": "300"})
     assert out.returncode == 0 and "transformers" in out.stdout and "plugins" in out.stdout
+
+
+def test_worker_user_error_is_one_line_without_torchrun_traceback(tmp_path):
+    out = cli("run", "--recipe", "accelerated-peft-bnb", "--model", "tiny-mixtral", "--output-dir", str(tmp_path),
+              "--set", "max_steps=2", "--set", "target_modules=[q_proj,experts]")
+    assert out.returncode == 2
+    assert "[fmsaccel] error: accelerated-moe: LoRA on experts needs lora_dropout=0" in out.stderr
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr

@@ -70,7 +70,7 @@ class BitsAndBytesPlugin(AccelerationPlugin):
             param.requires_grad_(False)
         if ctx.args.get("gradient_checkpointing"):
             model.enable_input_require_grads()
-        model = get_peft_model(model, ctx.peft_config)
+        model = get_peft_model(model, _expert_aware(model, ctx.peft_config))
         import bitsandbytes as bnb
 
         wrapped = sum(1 for m in model.modules()
@@ -80,6 +80,13 @@ class BitsAndBytesPlugin(AccelerationPlugin):
         ctx.report.add(self.name, f"bnb.nn.Linear4bit ({self.keys['quant_type']}) wrapped by LoRA", wrapped)
         ctx.peft_config = None
         return model
+
+
+def _expert_aware(model, peft_config):
+    """LoRA on MoE experts (``experts`` in target_modules) needs PEFT parameter targeting: the MoE plugin builds it."""
+    from fmsaccel_moe.lora import peft_config_for
+
+    return peft_config_for(model, peft_config)
 
 
 def build(spec, config) -> BitsAndBytesPlugin:
