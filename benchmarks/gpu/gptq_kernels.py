@@ -128,6 +128,9 @@ def check_correctness(rows: list[dict]) -> bool:
         (1000, 264, 129, 40, True, "gptq"),  # nothing a multiple of the tiles
     ]
     all_ok = True
+    # one fixed config while checking: autotuning every case (dtype x group size x act-order) costs minutes
+    kernels.PINNED_MATMUL = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4}
+    kernels.PINNED_DEQUANT = {"BLOCK_K": 64, "BLOCK_N": 128, "num_warps": 4}
     for in_f, out_f, tokens, group_size, act_order, fmt in cases:
         args, kwargs, reference = random_gptq(in_f, out_f, group_size, act_order, fmt)
         for dtype in (torch.bfloat16, torch.float16):
@@ -161,6 +164,7 @@ def check_correctness(rows: list[dict]) -> bool:
                          tokens=x.shape[0] * x.shape[1], method="gptq_matmul(auto)", dtype="bfloat16",
                          group_size=group_size, act_order=act_order, format=fmt, fwd_err=f"{fe:.2e}",
                          bwd_err=f"{be:.2e}", ok=ok))
+    kernels.PINNED_MATMUL = kernels.PINNED_DEQUANT = None  # timings use the autotuned configs
     return all_ok
 
 

@@ -39,6 +39,12 @@ def _interpreting() -> bool:
     return _INTERPRET
 
 
+# Set to a config dict (e.g. by a GPU correctness check) to launch without autotuning: every new
+# group size, dtype or act-order combination otherwise compiles and times all the configs below.
+PINNED_MATMUL: dict | None = None
+PINNED_DEQUANT: dict | None = None
+
+
 @triton.jit
 def _weight_tile(
     qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, offs_k, offs_n, k_start, K, N,
@@ -220,9 +226,10 @@ def dequantize(
     out = torch.empty(K, N, dtype=dtype, device=qweight.device)
     args = (*_weight_args(qweight, scales, qzeros, g_idx), out, K, N)
     flags = dict(GROUP_SIZE=size, HAS_G_IDX=g_idx is not None, ZERO_OFFSET=zero_offset)
-    if _interpreting():
-        grid = (triton.cdiv(K, _INTERPRET_DEQUANT["BLOCK_K"]), triton.cdiv(N, _INTERPRET_DEQUANT["BLOCK_N"]))
-        _dequantize_kernel[grid](*args, **flags, **_INTERPRET_DEQUANT)
+    if _interpreting() or PINNED_DEQUANT:
+        config = _INTERPRET_DEQUANT if _interpreting() else PINNED_DEQUANT
+        grid = (triton.cdiv(K, config["BLOCK_K"]), triton.cdiv(N, config["BLOCK_N"]))
+        _dequantize_kernel[grid](*args, **flags, **config)
     else:
         _dequantize_tuned[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))](
             *args, **flags
@@ -247,9 +254,10 @@ def _launch_fused(a: torch.Tensor, qweight, scales, qzeros, g_idx, group_size, z
                  DOT_FP32=_interpreting() or a.dtype == torch.float32)  # the interpreter's tl.dot mishandles bf16
     out_cols, block = (K, "BLOCK_K") if grad_input else (N, "BLOCK_N")
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[block]),)
-    if _interpreting():
+    if _interpreting() or PINNED_MATMUL:
+        config = _INTERPRET_MATMUL if _interpreting() else PINNED_MATMUL
         kernel = _fused_grad_input_kernel if grad_input else _fused_matmul_kernel
-        kernel[grid(_INTERPRET_MATMUL)](*args, **flags, **_INTERPRET_MATMUL)
+        kernel[grid(config)](*args, **flags, **config)
     else:
         kernel = _fused_grad_input_tuned if grad_input else _fused_matmul_tuned
         kernel[grid](*args, **flags)
