@@ -111,13 +111,23 @@ class GPTQPlugin(AccelerationPlugin):
         if wrapped == 0:
             raise PluginError(f"no GPTQ linear matched target_modules {ctx.peft_config.target_modules}")
         ctx.report.add(self.name, "QuantLinear (GPTQ 4-bit) wrapped by LoRA", wrapped)
+        if ctx.sft_config is not None and (ctx.sft_config.bf16 or ctx.sft_config.fp16):
+            # PEFT's generic LoRA layer casts its input to the fp32 adapter dtype on every call, and autocast
+            # casts it back for the matmul: two copies of each activation per projection (bitsandbytes' LoRA
+            # layer skips this under autocast; the H100 profile showed twice the baseline's copy time)
+            for module in model.modules():
+                if hasattr(module, "cast_input_dtype_enabled") and isinstance(getattr(module, "base_layer", None),
+                                                                               QuantLinear):
+                    module.cast_input_dtype_enabled = False
+            ctx.report.add(self.name, "LoRA input casts to fp32 off (autocast runs the adapters)", wrapped)
         ctx.peft_config = None
         return model
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         # DDP re-broadcasts every buffer each step by default: for GPTQ that is all the 4-bit weights
         handler = getattr(getattr(trainer, "accelerator", None), "ddp_handler", None)
-        if trainer.args.world_size > 1 and trainer.args.ddp_broadcast_buffers is None:
+        fsdp = bool(getattr(trainer.args, "fsdp", None))
+        if trainer.args.world_size > 1 and trainer.args.ddp_broadcast_buffers is None and not fsdp:
             if handler is None:
                 raise PluginError("multi-GPU GPTQ: set ddp_broadcast_buffers: false (the 4-bit weights are buffers)")
             handler.broadcast_buffers = False
