@@ -251,8 +251,8 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     log("patch report:")
     for line in ctx.report.lines():
         log(line)
-    if is_main_process():
-        trainer.model.print_trainable_parameters() if hasattr(trainer.model, "print_trainable_parameters") else None
+    if is_main_process() and hasattr(trainer.model, "print_trainable_parameters"):
+        trainer.model.print_trainable_parameters()
 
     checkpoint = None
     if resume:
@@ -261,6 +261,25 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     interrupted = metrics.stop_requested
 
+    result = _result(cfg, args, framework, ctx, metrics, train_result)
+    if interrupted:
+        log("stopped on SIGTERM after saving a checkpoint; continue with --resume")
+        return 143
+    distributed.save_model(trainer, sft_config.output_dir)  # trainer.save_model, plus an FSDP checkpointing fix
+    if is_main_process():
+        tokenizer.save_pretrained(sft_config.output_dir)
+        out = Path(sft_config.output_dir) / "metrics.json"
+        out.write_text(json.dumps(result, indent=2, default=str))
+        losses = result["losses"] or [float("nan")]
+        log(f"tokens/s (per device, non-padding, after {metrics.warmup_steps} warm-up steps): "
+            f"{result['train_tokens_per_second']:.1f}; peak memory "
+            f"{result['mem_peak_torch_mem_alloc_in_bytes'] / 2**30:.2f} GiB; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        log(f"saved {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'}, tokenizer and {out}")
+    return 0
+
+
+def _result(cfg, args, framework, ctx, metrics: RunMetrics, train_result) -> dict[str, Any]:
+    """What ``metrics.json`` records (the seed's column names where they exist)."""
     _, seconds, tokens = metrics.throughput()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # every rank's tokens and the mean loss over ranks (one collective each, after training)
@@ -268,7 +287,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     total_tokens_per_second = total_tokens / measured_time if measured_time > 0 else 0.0
     tokens_per_second = total_tokens_per_second / world  # all ranks' tokens, per device
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    result = {
+    return {
         "recipe": cfg.get("recipe"),
         "plugins": [p.name for p in framework.plugins],
         "train_tokens_per_second": tokens_per_second,
@@ -289,22 +308,9 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": _versions(),
         "patch_report": ctx.report.as_dict(),
-        "interrupted": interrupted,
+        "interrupted": metrics.stop_requested,
         "args": args,
     }
-    if interrupted:
-        log("stopped on SIGTERM after saving a checkpoint; continue with --resume")
-        return 143
-    distributed.save_model(trainer, sft_config.output_dir)  # trainer.save_model, plus an FSDP checkpointing fix
-    if is_main_process():
-        tokenizer.save_pretrained(sft_config.output_dir)
-        out = Path(sft_config.output_dir) / "metrics.json"
-        out.write_text(json.dumps(result, indent=2, default=str))
-        log(f"tokens/s (per device, non-padding, after {metrics.warmup_steps} warm-up steps): {tokens_per_second:.1f}"
-            f"; peak memory {peak / 2**30:.2f} GiB; loss {losses[0] if losses else float('nan'):.4f} -> "
-            f"{result['final_loss'] if losses else float('nan'):.4f}")
-        log(f"saved {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'}, tokenizer and {out}")
-    return 0
 
 
 def _has_flash_attn() -> bool:
