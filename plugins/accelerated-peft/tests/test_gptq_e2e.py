@@ -103,3 +103,28 @@ def test_plugin_errors_are_clear(full_precision):
     ctx.peft_config = None
     with pytest.raises(PluginError, match="needs peft_method: lora"):
         _plugin().augment(torch.nn.Linear(2, 2), ctx)
+
+
+def test_lora_inputs_stay_in_the_compute_dtype_under_mixed_precision(full_precision, tmp_path):
+    """Under bf16 autocast PEFT would cast every LoRA input to fp32 and autocast back: the plugin turns that off."""
+    from types import SimpleNamespace
+
+    quantized = quantize_model(str(full_precision), tmp_path / "rtn", method="rtn", group_size=32,
+                               progress=lambda m: None)
+    gptq = _plugin()
+    ctx = _context()
+    ctx.sft_config = SimpleNamespace(bf16=True, fp16=False)
+    model = gptq.augment(gptq.load_model(str(quantized), ctx), ctx)
+    lora_layers = [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), QuantLinear)]
+    assert len(lora_layers) == 14 and not any(m.cast_input_dtype_enabled for m in lora_layers)
+    ids = torch.arange(16).reshape(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+    ctx = _context()
+    ctx.sft_config = SimpleNamespace(bf16=False, fp16=False)  # fp32 training: PEFT's casting stays on
+    model = gptq.augment(gptq.load_model(str(quantized), ctx), ctx)
+    assert all(m.cast_input_dtype_enabled for m in model.modules()
+               if isinstance(getattr(m, "base_layer", None), QuantLinear))
