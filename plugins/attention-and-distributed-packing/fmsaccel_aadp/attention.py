@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fmsaccel_framework.plugin import PluginError
+
 BACKENDS = ("flash_attn", "varlen", "flex", "sdpa_masked")
 ATTENTION_NAME_PREFIX = "fmsaccel_padding_free"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -144,7 +146,7 @@ def find_packing(query: torch.Tensor, attention_mask, kwargs: dict) -> Packing |
             raise ValueError(f"cu_seq_lens_q given with batch size {query.shape[0]}; padding-free rows are [1, T]")
         cu_k = kwargs.get("cu_seq_lens_k")
         if cu_k is not None and cu_k is not cu and cu_k.shape != cu.shape:
-            raise NotImplementedError("padding-free attention supports self-attention only (cu_seq_lens_k != _q)")
+            raise PluginError("padding-free attention supports self-attention only (cu_seq_lens_k != _q)")
         max_length = kwargs.get("max_length_q")
 
         def build():
@@ -212,7 +214,7 @@ def _flex_block_mask(packing: Packing, total: int):
 
 def flex_attention_packed(query, key, value, packing: Packing, scaling: float | None, dropout: float) -> torch.Tensor:
     if dropout:
-        raise NotImplementedError("the flex padding-free backend has no attention dropout; set attention_dropout=0")
+        raise PluginError("the flex padding-free backend has no attention dropout; set attention_dropout=0")
     total = query.shape[2]
     block_mask = _cache.get("flex_mask", packing.cu_seqlens, lambda: _flex_block_mask(packing, total))
     if query.is_cuda:
@@ -261,7 +263,7 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def varlen_attention_packed(query, key, value, packing: Packing, scaling: float | None, dropout: float):
     if dropout:
-        raise NotImplementedError("torch varlen attention has no dropout; set attention_dropout=0")
+        raise PluginError("torch varlen attention has no dropout; set attention_dropout=0")
     api = _varlen_api()
     q, k, v = (_tokens_heads_dim(t) for t in (query, key, value))
     extra = dict(api.causal)
@@ -358,15 +360,15 @@ def make_attention_forward(backend: str, strict: bool = True) -> Callable:
     def padding_free_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                                        **kwargs):
         if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
-            raise NotImplementedError("padding-free attention is causal-only")
+            raise PluginError("padding-free attention is causal-only")
         if kwargs.get("softcap") is not None:
-            raise NotImplementedError("padding-free attention does not support logit soft-capping")
+            raise PluginError("padding-free attention does not support logit soft-capping")
         packing = find_packing(query, attention_mask, kwargs)
         if packing is None:
             return sdpa_padded_attention(query, key, value, attention_mask, scaling, dropout), None
         window = kwargs.get("sliding_window")
         if window is not None and packing.max_length > window:
-            raise NotImplementedError(f"an example of {packing.max_length} tokens exceeds the sliding window "
+            raise PluginError(f"an example of {packing.max_length} tokens exceeds the sliding window "
                                       f"({window}); padding-free attention has no sliding-window support")
         fn = packed_fn
         reason = backend_unavailable_reason(backend, query.device.type, query.dtype, training=torch.is_grad_enabled())

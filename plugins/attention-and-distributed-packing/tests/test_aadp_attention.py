@@ -6,6 +6,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from fmsaccel_aadp import attention as A
 from fmsaccel_aadp.collator import collate_padding_free
+from fmsaccel_framework.plugin import PluginError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = (70, 1, 97, 33)  # odd sizes, a 1-token example, and a row longer than flex's 128-token block
@@ -155,7 +156,7 @@ def test_a_call_the_backend_cannot_serve_is_an_error_or_a_loud_fallback():
 def test_sliding_window_shorter_than_an_example_is_refused():
     q, k, v, batch = _packed_qkv((3, 9))
     kwargs = {"cu_seq_lens_q": batch["cu_seq_lens_q"], "max_length_q": 9, "sliding_window": 4}
-    with pytest.raises(NotImplementedError, match="sliding window"):
+    with pytest.raises(PluginError, match="sliding window"):
         A.make_attention_forward("sdpa_masked")(torch.nn.Module(), q, k, v, None, **kwargs)
 
 
