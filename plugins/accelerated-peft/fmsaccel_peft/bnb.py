@@ -15,6 +15,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from fmsaccel_framework.lora import apply_lora
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 PATH = "peft.quantization.bitsandbytes"
@@ -64,13 +65,11 @@ class BitsAndBytesPlugin(AccelerationPlugin):
                 raise PluginError("accelerated-peft-bnb needs peft_method: lora (4-bit weights cannot be trained)")
             ctx.report.note(self.name, "no_peft_model: LoRA and k-bit preparation left to TRL (baseline)")
             return model
-        from peft import get_peft_model
-
         for param in model.parameters():
             param.requires_grad_(False)
         if ctx.args.get("gradient_checkpointing"):
             model.enable_input_require_grads()
-        model = get_peft_model(model, _expert_aware(model, ctx.peft_config))
+        model = apply_lora(model, ctx.peft_config)
         import bitsandbytes as bnb
 
         wrapped = sum(1 for m in model.modules()
@@ -81,12 +80,6 @@ class BitsAndBytesPlugin(AccelerationPlugin):
         ctx.peft_config = None
         return model
 
-
-def _expert_aware(model, peft_config):
-    """LoRA on MoE experts (``experts`` in target_modules) needs PEFT parameter targeting: the MoE plugin builds it."""
-    from fmsaccel_moe.lora import peft_config_for
-
-    return peft_config_for(model, peft_config)
 
 
 def build(spec, config) -> BitsAndBytesPlugin:

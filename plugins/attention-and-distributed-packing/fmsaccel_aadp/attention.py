@@ -143,7 +143,7 @@ def find_packing(query: torch.Tensor, attention_mask, kwargs: dict) -> Packing |
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         if query.shape[0] != 1:
-            raise ValueError(f"cu_seq_lens_q given with batch size {query.shape[0]}; padding-free rows are [1, T]")
+            raise PluginError(f"cu_seq_lens_q given with batch size {query.shape[0]}; padding-free rows are [1, T]")
         cu_k = kwargs.get("cu_seq_lens_k")
         if cu_k is not None and cu_k is not cu and cu_k.shape != cu.shape:
             raise PluginError("padding-free attention supports self-attention only (cu_seq_lens_k != _q)")
@@ -374,7 +374,7 @@ def make_attention_forward(backend: str, strict: bool = True) -> Callable:
         reason = backend_unavailable_reason(backend, query.device.type, query.dtype, training=torch.is_grad_enabled())
         if reason is not None:
             if strict:
-                raise RuntimeError(f"padding-free backend '{backend}' cannot serve this call: {reason}")
+                raise PluginError(f"padding-free backend '{backend}' cannot serve this call: {reason}")
             if reason not in warned:
                 warned.add(reason)
                 warnings.warn(f"padding-free backend '{backend}' cannot serve this call ({reason}); "

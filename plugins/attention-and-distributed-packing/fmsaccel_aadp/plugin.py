@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fmsaccel_framework.lora import unwrap_peft
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from .attention import register_attention, resolve_backend
@@ -23,9 +24,6 @@ PADDING_FREE = "training.attention.padding_free"
 MULTIPACK = "training.dataloader.multipack"
 
 
-def _base_model(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _count_attention_layers(model) -> int:
@@ -65,10 +63,13 @@ def install_multipack(trainer, token_budget: int, num_processes: int = 1) -> Non
             raise ValueError("Trainer: training requires a train_dataset.")
         if trainer.args.remove_unused_columns and hasattr(trainer, "_remove_unused_columns"):
             dataset = trainer._remove_unused_columns(dataset, description="Training")
-        sampler = MultipackBatchSampler(
-            example_lengths(dataset, num_processes), token_budget,
-            num_replicas=trainer.args.world_size, rank=trainer.args.process_index, seed=trainer.args.seed,
-        )
+        try:
+            sampler = MultipackBatchSampler(
+                example_lengths(dataset, num_processes), token_budget,
+                num_replicas=trainer.args.world_size, rank=trainer.args.process_index, seed=trainer.args.seed,
+            )
+        except ValueError as e:
+            raise PluginError(f"multipack: {e}") from None
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainer.data_collator,
                             num_workers=trainer.args.dataloader_num_workers,
                             pin_memory=trainer.args.dataloader_pin_memory)
@@ -78,6 +79,7 @@ def install_multipack(trainer, token_budget: int, num_processes: int = 1) -> Non
             if getattr(shard, "batch_sampler", None) is not sampler:
                 raise PluginError(f"multipack: accelerate wrapped the batch sampler unexpectedly ({type(shard)})")
             shard.num_processes, shard.process_index = 1, 0
+            shard.set_epoch = sampler.set_epoch  # accelerate looks for set_epoch on its wrapper only
         trainer.multipack_sampler = sampler
         return prepared
 
@@ -104,7 +106,7 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         except RuntimeError as e:
             raise PluginError(str(e)) from e
         name = register_attention(backend, strict=requested != "auto")
-        base = _base_model(model)
+        base = unwrap_peft(model)
         base.set_attn_implementation(name)
         if base.config._attn_implementation != name:
             raise PluginError(f"{type(base).__name__} did not accept attention implementation '{name}' (it must use "

@@ -9,12 +9,17 @@ activation checkpointing when gradient checkpointing is on.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from fmsaccel_framework.lora import apply_lora, unwrap_peft
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from .patching import Options, RuleError, apply_rule, is_fused
 from .rules import KERNELS, RULES, supported
+
+logger = logging.getLogger(__name__)
 
 PATHS = ("peft.quantization.fused_ops_and_kernels", "training.fused_ops_and_kernels")
 # fused_lora before fast_swiglu: the fused MLP forward takes the SwiGLU kernel along
@@ -22,9 +27,6 @@ ORDER = ("fast_rms_layernorm", "fast_rope_embeddings", "fused_lora", "fast_swigl
 assert sorted(ORDER) == sorted(KERNELS)
 
 
-def transformers_model(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _lora_layers(model) -> list:
@@ -52,7 +54,7 @@ class FusedOpsPlugin(AccelerationPlugin):
         if not self.requested:
             ctx.report.note(self.name, "no kernel requested (all keys false)")
             return model
-        arch = transformers_model(model).config.model_type
+        arch = unwrap_peft(model).config.model_type
         rules = RULES.get(arch, {})
         for kernel in self.requested:
             if kernel not in rules:
@@ -62,7 +64,7 @@ class FusedOpsPlugin(AccelerationPlugin):
         if "fused_lora" in self.requested:
             model = self._with_lora(model, ctx)
             self._check_base_layer(model)
-        base = transformers_model(model)
+        base = unwrap_peft(model)
         options = Options(keep_weights=bool(ctx.args.get("gradient_checkpointing")),
                           fast_swiglu=bool(self.keys["fast_swiglu"]), fast_loss=self.keys["fast_loss"])
         for kernel in self.requested:
@@ -75,14 +77,19 @@ class FusedOpsPlugin(AccelerationPlugin):
         if "fused_lora" in self.requested:
             self._note_unfused(base, ctx)
         self._installed = _installed_forwards(base)
-        if self.keys["fast_loss"] is True:
-            ctx.report.note(self.name, "fast_loss: true serves the model's own loss (materialised logits); under "
-                                       "TRL's fused LM head the trainer's chunked loss runs instead, "
-                                       "fast_loss: fused_ce_liger replaces that too")
         return model
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
-        base = transformers_model(trainer.model)
+        base = unwrap_peft(trainer.model)
+        if self.keys["fast_loss"] is True and _uses_trl_fused_head(trainer):
+            # TRL's SFTTrainer computes the loss through its own chunked LM head and never calls the model's
+            # loss_function: the Triton cross-entropy cannot run here, so it is not reported as applied
+            for key in [k for k in ctx.report.entries if k[0] == self.name and "triton cross-entropy" in k[1]]:
+                del ctx.report.entries[key]
+            message = ("fast_loss: true does not apply under TRL's SFTTrainer (its chunked LM head computes the "
+                       "loss); use fast_loss: fused_ce_liger for foak's chunked linear + cross-entropy")
+            logger.warning(message)
+            ctx.report.note(self.name, message)
         self._note_replaced_experts(base, ctx)
         lost = [m for m, attr, fn in self._installed if m.__dict__.get(attr) is not fn]
         if lost:
@@ -119,9 +126,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             return model
         if ctx.peft_config is None:
             raise PluginError("fused_lora: true needs LoRA adapters (peft_method: lora)")
-        from peft import get_peft_model
-
-        model = get_peft_model(model, ctx.peft_config)
+        model = apply_lora(model, ctx.peft_config)
         ctx.peft_config = None
         ctx.report.add(self.name, "LoRA applied by foak (so its layers can be fused)", len(_lora_layers(model)))
         return model
@@ -140,10 +145,19 @@ class FusedOpsPlugin(AccelerationPlugin):
                                   f"{kind or 'plain nn.Linear'}; set base_layer: {kind or 'null'}")
 
     def _note_unfused(self, base, ctx: TrainContext) -> None:
-        left = [name for name, m in base.named_modules() if m in _lora_layers(base) and not is_fused(m)]
+        lora = {id(m) for m in _lora_layers(base)}
+        left = [name for name, m in base.named_modules() if id(m) in lora and not is_fused(m)]
         if left:
             shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
             ctx.report.note(self.name, f"{len(left)} LoRA layers outside the rule table keep PEFT's forward: {shown}")
+
+
+def _uses_trl_fused_head(trainer) -> bool:
+    try:
+        from trl import SFTTrainer
+    except ImportError:
+        return False
+    return isinstance(trainer, SFTTrainer)
 
 
 def build(spec, config) -> FusedOpsPlugin:

@@ -2,6 +2,8 @@
 
 from fmsaccel_framework import ConfigKey, PluginSpec
 
+from .rules import RULES  # plain data (typing only): the spec stays import-light
+
 _KEYS = {
     "base_layer": ConfigKey((str, type(None)), default=None, choices=("auto_gptq", "bitsandbytes", None),
                             help="quantised base layer the fused LoRA dequantises; null for bf16 LoRA / full FT"),
@@ -26,5 +28,5 @@ FOAK = PluginSpec(
     order=20,
     requires=("triton",),
     extra="kernels",
-    architectures=("llama", "mistral", "mixtral", "qwen2", "qwen3", "granite"),
+    architectures=tuple(RULES),
 )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fmsaccel_framework.lora import apply_lora
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from .linear import QuantLinear
@@ -88,7 +89,10 @@ class GPTQPlugin(AccelerationPlugin):
         if not is_quantized_checkpoint(path):
             if self.keys["from_quantized"]:
                 ctx.report.note(self.name, f"{path.name} is not a GPTQ checkpoint: loading its RTN 4-bit copy")
-            path = ensure_quantized(model_name_or_path)
+            try:
+                path = ensure_quantized(model_name_or_path)
+            except ValueError as e:
+                raise PluginError(f"cannot make a 4-bit copy of {model_name_or_path}: {e}") from None
         model = load_quantized(path, dtype=ctx.torch_dtype or torch.bfloat16, backend=KERNELS[self.keys["kernel"]],
                                attn_implementation=ctx.extras.get("attn_implementation"))
         ctx.report.add(self.name, f"nn.Linear -> QuantLinear (GPTQ 4-bit, {self.keys['kernel']})",
@@ -100,13 +104,11 @@ class GPTQPlugin(AccelerationPlugin):
     def augment(self, model, ctx: TrainContext):
         if ctx.peft_config is None:
             raise PluginError("accelerated-peft-gptq needs peft_method: lora (4-bit GPTQ weights cannot be trained)")
-        from peft import get_peft_model
-
         for param in model.parameters():
             param.requires_grad_(False)
         if ctx.args.get("gradient_checkpointing"):
             model.enable_input_require_grads()  # the frozen embeddings must still pass grads to checkpointed layers
-        model = get_peft_model(model, ctx.peft_config)
+        model = apply_lora(model, ctx.peft_config)
         wrapped = sum(1 for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, QuantLinear))
         if wrapped == 0:
             raise PluginError(f"no GPTQ linear matched target_modules {ctx.peft_config.target_modules}")
