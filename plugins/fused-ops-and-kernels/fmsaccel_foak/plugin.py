@@ -81,25 +81,26 @@ class FusedOpsPlugin(AccelerationPlugin):
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         base = unwrap_peft(trainer.model)
+        fused_loss = self.keys["fast_loss"] == "fused_ce_liger"
         if self.keys["fast_loss"] is True and _uses_trl_fused_head(trainer):
             # TRL's SFTTrainer computes the loss through its own chunked LM head and never calls the model's
-            # loss_function: the Triton cross-entropy cannot run here, so it is not reported as applied
+            # loss_function, so the Triton cross-entropy on full logits cannot run; the fast loss there is
+            # foak's chunked linear + cross-entropy (faster than TRL's head on the H100), so that serves it
             for key in [k for k in ctx.report.entries if k[0] == self.name and "triton cross-entropy" in k[1]]:
                 del ctx.report.entries[key]
-            message = ("fast_loss: true does not apply under TRL's SFTTrainer (its chunked LM head computes the "
-                       "loss); use fast_loss: fused_ce_liger for foak's chunked linear + cross-entropy")
-            logger.warning(message)
-            ctx.report.note(self.name, message)
+            logger.warning("fast_loss: true under TRL's SFTTrainer (no full logits to apply the Triton "
+                           "cross-entropy to): foak's chunked linear + cross-entropy computes the loss instead")
+            fused_loss = True
         self._note_replaced_experts(base, ctx)
         lost = [m for m, attr, fn in self._installed if m.__dict__.get(attr) is not fn]
         if lost:
             ctx.report.note(self.name, f"{len(lost)} modules patched by foak ({type(lost[0]).__name__}, ...) got "
                                        "another forward from a later plugin; foak's does not run there")
-        if self.keys["fast_loss"] == "fused_ce_liger":
+        if fused_loss:
             # TRL's SFTTrainer put its own fused-LM-head forward on the model after augment; ours answers both
             rules = RULES[base.config.model_type]
             lines = apply_rule(base, rules, "fast_loss", Options(fast_loss="fused_ce_liger"))
-            ctx.report.note(self.name, f"{lines[0][0]} also answers the trainer's fused_lm_head calls")
+            ctx.report.add(self.name, f"{lines[0][0]} (the trainer's fused_lm_head calls)", 1)
         if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
             from .checkpointing import enable_selective_checkpointing
 
