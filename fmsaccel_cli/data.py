@@ -24,17 +24,37 @@ class DataError(ValueError):
     """Bad or unreadable training data; the message names the file and the problem."""
 
 
-def load_rows(path: str, args: dict[str, Any], vocab_size: int) -> list[dict]:
-    if path.startswith("workload:"):
-        from .workloads import build_workload
+def check_path(path: Any) -> Path | str:
+    """The file or folder of a data path, or the workload name; a DataError when there is no such data."""
+    from .workloads import WORKLOADS, workload_name
 
-        return build_workload(path.split(":", 1)[1], vocab_size=vocab_size,
-                              num_examples=int(args.get("num_train_examples") or _workload_examples(args)),
-                              seed=int(args.get("seed", 42)), max_length=int(args.get("max_seq_length") or 4096))
+    where = f"a local .json/.jsonl file, a datasets folder, {', '.join(BUILTIN)}, or workload:{'|'.join(WORKLOADS)}"
+    if not isinstance(path, str) or not path:
+        raise DataError(f"no training data given (training_data_path is {path!r}): {where}")
+    name = workload_name(path)
+    if name is not None:
+        if name.upper() not in WORKLOADS:
+            raise DataError(f"unknown workload '{name}': {where}")
+        return name
     file = BUILTIN.get(path, Path(path).expanduser())
     if not file.exists():
-        raise DataError(f"training data '{path}' not found (a local .json/.jsonl file, a datasets folder, "
-                        f"{', '.join(BUILTIN)}, or workload:P|R)")
+        raise DataError(f"training data '{path}' not found: {where}")
+    return file
+
+
+def load_rows(path: str, args: dict[str, Any], vocab_size: int) -> list[dict]:
+    file = check_path(path)
+    limit = args.get("num_train_examples")
+    if isinstance(file, str):  # a benchmark workload
+        from .workloads import build_workload
+
+        return build_workload(file, vocab_size=vocab_size, num_examples=int(limit or _workload_examples(args)),
+                              seed=int(args.get("seed", 42)), max_length=int(args.get("max_seq_length") or 4096))
+    rows = _read_rows(file)
+    return rows[: int(limit)] if limit else rows
+
+
+def _read_rows(file: Path) -> list[dict]:
     if file.is_dir():
         import datasets
 
@@ -56,8 +76,7 @@ def load_rows(path: str, args: dict[str, Any], vocab_size: int) -> list[dict]:
         raise DataError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
         raise DataError(f"{file}: expected a list of JSON objects")
-    limit = args.get("num_train_examples")
-    return rows[: int(limit)] if limit else rows
+    return rows
 
 
 def _workload_examples(args: dict[str, Any]) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .recipes import RecipeError, Resolved, validate
+from .recipes import RecipeError, Resolved, closest, validate
 
 TRAIN_MODULE = "fmsaccel_cli.train"
 
@@ -156,14 +156,27 @@ def prepare(resolved: Resolved, opts: LaunchOptions):
 
     resolved.notes += distributed.check(resolved.args, active, opts.nproc_per_node * max(opts.nnodes, 1),
                                         resolved.sources)
-    out = Path(str(resolved.args.get("output_dir", "")))
-    if out.exists() and not out.is_dir():
+    if opts.nnodes > 1 and not (opts.master_addr or opts.rdzv_endpoint):
+        raise RecipeError(f"--nnodes {opts.nnodes} needs --master-addr (node 0's address) or --rdzv-endpoint")
+    if not 0 <= opts.node_rank < max(opts.nnodes, 1):
+        raise RecipeError(f"--node-rank {opts.node_rank} is not below --nnodes {opts.nnodes}")
+    args = resolved.args
+    out = args.get("output_dir")
+    if not isinstance(out, str) or not out:
+        raise RecipeError(f"output_dir must be a folder path (got {out!r})")
+    if Path(out).exists() and not Path(out).is_dir():
         raise RecipeError(f"output_dir {out} exists and is not a folder")
-    data = str(resolved.args.get("training_data_path", ""))
-    if not data.startswith(("builtin:", "workload:")) and not Path(data).expanduser().exists():
-        raise RecipeError(f"training data '{data}' not found (a local .json/.jsonl file, a datasets folder, "
-                          "builtin:word-tasks, or workload:P|R)")
-    from .train import build_sft_config  # the real SFTConfig checks values (strategies, dtypes) here, not in the child
+    from . import data, models
+    from .train import DTYPES, build_sft_config  # the real SFTConfig checks values here, not in the child
+
+    if str(args.get("torch_dtype", "bfloat16")) not in DTYPES:
+        raise RecipeError(f"torch_dtype {args['torch_dtype']!r} is not one of {', '.join(DTYPES)}"
+                          f"{closest(args['torch_dtype'], DTYPES)}")
+    try:
+        data.check_path(args.get("training_data_path"))
+        models.check_model(args.get("model_name_or_path"))
+    except (data.DataError, FileNotFoundError) as e:
+        raise RecipeError(str(e)) from None
 
     try:
         build_sft_config(resolved.args)

@@ -25,6 +25,7 @@ app.add_typer(plugins_app, name="plugins")
 app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
+DEFAULT_RECIPE = "accelerated-peft-bnb"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -93,7 +94,10 @@ def recipes_cp(
         fail(f"{path} exists; choose another path")
     text = (f"# Editable copy of recipe '{name}'. Run: fmsaccel run --recipe {name} --config {path}\n"
             + yaml.safe_dump(resolved.to_yaml_dict(), sort_keys=False))
-    path.write_text(text)
+    try:
+        path.write_text(text)
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror}")
     console.print(f"wrote {path}")
 
 
@@ -119,8 +123,9 @@ def recipes_validate(path: Path = typer.Argument(..., exists=False)) -> None:
 
 @app.command()
 def run(
-    recipe: str = typer.Option("accelerated-peft-bnb", "--recipe", "-r", autocompletion=complete_recipe,
-                               help="recipe name (fmsaccel recipes list)"),
+    recipe: str = typer.Option(None, "--recipe", "-r", autocompletion=complete_recipe, show_default=False,
+                               help="recipe name (fmsaccel recipes list); default: the --config file's recipe, "
+                                    "else accelerated-peft-bnb"),
     config: Path = typer.Option(None, "--config", help="recipe file or bare framework config merged on top"),
     set_: list[str] = typer.Option([], "--set", help="key=value override, value parsed as YAML (repeatable)"),
     model: str = typer.Option(None, "--model", help="model folder or built-in shape (llama3-8b, ...)"),
@@ -143,6 +148,7 @@ def run(
     opts = launch.LaunchOptions(nproc_per_node, nnodes, node_rank, master_addr, master_port, rdzv_endpoint, resume)
     overrides = {"model_name_or_path": model, "training_data_path": data, "output_dir": output_dir}
     try:
+        recipe = recipe or (config is not None and rc.config_file_recipe(config)) or DEFAULT_RECIPE
         resolved = rc.resolve(recipe, config, set_, overrides)
         active = launch.prepare(resolved, opts)
         missing = launch.missing_extras(active)
@@ -161,7 +167,6 @@ def run(
         if missing:
             launch.install([c for _, _, c in missing], yes, lambda q: typer.confirm(q, default=True))
         launch.check_hardware(active, opts)
-        _check_model_exists(resolved.args.get("model_name_or_path"))
     except rc.RecipeError as e:
         fail(str(e))
     for note in resolved.notes:
@@ -174,15 +179,6 @@ def run(
     console.print(f"config: {path}\nlaunch: {shlex.join(cmd)}", soft_wrap=True, highlight=False)
     raise typer.Exit(launch.stream(cmd))
 
-
-def _check_model_exists(model: str | None) -> None:
-    from .models import SHAPES, is_shape
-
-    if model is None:
-        fail("no model_name_or_path: pass --model PATH or a built-in shape")
-    if not is_shape(model) and not (Path(model).expanduser() / "config.json").exists():
-        fail(f"model '{model}' not found: not a folder with a config.json, nor a built-in shape"
-             f"{rc.closest(model, SHAPES)} ({', '.join(SHAPES)})")
 
 
 # ------------------------------------------------------------------------------------------------ plugins

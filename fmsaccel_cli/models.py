@@ -122,14 +122,22 @@ def _write_random_checkpoint(name: str, overrides: dict[str, Any] | None, seed: 
     tmp.rename(target)
 
 
+def check_model(name_or_path: Any) -> None:
+    """A FileNotFoundError (one clear line) unless this is a built-in shape or a folder with a config.json."""
+    import difflib
+
+    if isinstance(name_or_path, str) and (is_shape(name_or_path) or
+                                          (Path(name_or_path).expanduser() / "config.json").exists()):
+        return
+    close = difflib.get_close_matches(str(name_or_path), list(SHAPES), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise FileNotFoundError(f"model '{name_or_path}' not found: not a folder with a config.json, nor a built-in "
+                            f"shape{hint} ({', '.join(SHAPES)})")
+
+
 def resolve_model_path(name_or_path: str, overrides: dict[str, Any] | None = None) -> Path:
     """A checkpoint folder for a shape name or a local path (clear error when neither)."""
+    check_model(name_or_path)
     if is_shape(name_or_path):
         return materialize(name_or_path, overrides)
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"model '{name_or_path}' is neither a local checkpoint folder with a config.json nor a built-in shape "
-            f"({', '.join(SHAPES)})"
-        )
-    return path
+    return Path(name_or_path).expanduser()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,26 @@ def recipes_dir() -> Path:
     return Path(os.environ.get("FMSACCEL_RECIPES", REPO_RECIPES))
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``2e-5`` as a float: YAML 1.1 wants a dot, but the seed's files write
+    learning rates that way and mean numbers."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _load_yaml(path: Path) -> Any:
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise RecipeError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror if isinstance(e, OSError) else e})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
@@ -162,14 +177,9 @@ def parse_set(item: str) -> tuple[str, Any]:
     if raw.strip().lower() in ("no", "yes", "on", "off", "y", "n"):  # YAML 1.1 booleans; users mean the word
         return key.strip(), raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):  # YAML 1.1 reads 5e-3 as text; users mean a number
-        try:
-            value = float(value)
-        except ValueError:
-            pass
     return key.strip(), value
 
 
@@ -220,7 +230,7 @@ def resolve(
         fw = _load_yaml(info.framework_file) or {}
         _merge_plugins(plugins, fw.get("plugins") or {}, f"recipes/{info.framework_file.relative_to(root)}", sources)
     if config_file is not None:
-        _apply_config_file(Path(config_file), args, plugins, sources)
+        _apply_config_file(Path(config_file), args, plugins, sources, recipe=name)
     for item in sets:
         key, value = parse_set(item)
         if key.startswith("plugins."):
@@ -229,6 +239,8 @@ def resolve(
             key = key.removeprefix("arguments.")
             top, _, rest = key.partition(".")
             if rest:  # a nested argument such as distributed.strategy=fsdp
+                if not isinstance(args.get(top) or {}, dict):
+                    raise RecipeError(f"--set {item}: argument {top} is {args[top]!r}, not a mapping")
                 value = _deep_update(dict(args.get(top) or {}), _nest(rest, value))
             _merge_args(args, {top: value}, "--set", sources)
     for key, value in (overrides or {}).items():
@@ -242,10 +254,19 @@ def resolve(
     return resolved
 
 
-def _apply_config_file(path: Path, args: dict, plugins: dict, sources: dict) -> None:
+def config_file_recipe(path: str | Path) -> str | None:
+    """The ``recipe:`` a recipe file (from ``recipes cp``) names, if any."""
+    data = _load_yaml(Path(path))
+    return data.get("recipe") if isinstance(data, dict) else None
+
+
+def _apply_config_file(path: Path, args: dict, plugins: dict, sources: dict, recipe: str | None = None) -> None:
     data = _load_yaml(path)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping with 'plugins:' and/or 'arguments:'")
+    if recipe is not None and data.get("recipe") not in (None, recipe):
+        raise RecipeError(f"{path} is a copy of recipe '{data['recipe']}', not '{recipe}': "
+                          f"run it with --recipe {data['recipe']} (or drop --recipe)")
     unknown = set(data) - {"plugins", "arguments", "recipe"}
     if unknown:
         key = sorted(unknown)[0]

@@ -70,16 +70,19 @@ def build_lora_config(args: dict[str, Any]):
         return None
     if args["peft_method"] != "lora":
         raise PluginError(f"peft_method '{args['peft_method']}' is not supported (lora, or null for full fine-tuning)")
+    import dataclasses
+
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=int(args.get("r", 16)),
-        lora_alpha=int(args.get("lora_alpha", 16)),
-        lora_dropout=float(args.get("lora_dropout", 0.0)),
-        target_modules=args.get("target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    # every LoraConfig field the recipe sets (validation accepted them all), over fmsaccel's defaults
+    fields = {f.name for f in dataclasses.fields(LoraConfig)} - {"task_type", "peft_type"}
+    kwargs = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    kwargs.update({k: v for k, v in args.items() if k in fields and v is not None})
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **kwargs)
+    except (TypeError, ValueError) as e:
+        raise PluginError(f"invalid LoRA settings: {str(e).splitlines()[0]}") from None
 
 
 class RunMetrics(TrainerCallback):
@@ -95,11 +98,9 @@ class RunMetrics(TrainerCallback):
         self.tokens = None
         self.tokens_at_warmup = None
         self.time_at_warmup = None
-        self.step_losses: list[torch.Tensor] = []
-        self.losses: list[float] = []
-        self.start = time.perf_counter()
+        self.step_losses: list[torch.Tensor] = []  # one per optimiser step
+        self.micro_loss: torch.Tensor | None = None  # this step's micro-batches so far
         self.stop_requested = False
-        self.result: dict[str, Any] = {}
 
     def count_tokens(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -110,7 +111,9 @@ class RunMetrics(TrainerCallback):
         self.tokens = n if self.tokens is None else self.tokens + n
 
     def record_loss(self, loss: torch.Tensor) -> None:
-        self.step_losses.append(loss.detach().float().reshape(()))
+        """A micro-batch's loss, already divided by the accumulation steps: they add up to the step's loss."""
+        loss = loss.detach().float().reshape(())
+        self.micro_loss = loss if self.micro_loss is None else self.micro_loss + loss
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -119,8 +122,19 @@ class RunMetrics(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.start = time.perf_counter()
         self.first_step = state.global_step
+        steps = state.max_steps - state.global_step
+        if self.warmup_steps >= steps:
+            log(f"benchmark_warmup_steps {self.warmup_steps} leaves no step to measure in {steps}; using "
+                f"{max(steps - 1, 0)}")
+            self.warmup_steps = max(steps - 1, 0)
+        if self.warmup_steps == 0:
+            self._mark_warmup_end()
+
+    def _mark_warmup_end(self) -> None:
+        self._sync()
+        self.time_at_warmup = time.perf_counter()
+        self.tokens_at_warmup = float(self.tokens) if self.tokens is not None else 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         # FMSACCEL_PROFILE=1: profile the last two warm-up steps (never the measured ones)
@@ -140,13 +154,14 @@ class RunMetrics(TrainerCallback):
         self.profiler = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.micro_loss is not None:
+            self.step_losses.append(self.micro_loss)
+            self.micro_loss = None
         done = state.global_step - self.first_step
         if getattr(self, "profiler", None) is not None and done == self.warmup_steps:
             self._write_profile(args.output_dir)
-        if done == self.warmup_steps:
-            self._sync()
-            self.time_at_warmup = time.perf_counter()
-            self.tokens_at_warmup = float(self.tokens) if self.tokens is not None else 0.0
+        if done == self.warmup_steps and self.warmup_steps > 0:
+            self._mark_warmup_end()
         if self.stop_requested:
             log("SIGTERM received: saving a checkpoint and stopping")
             control.should_save = True

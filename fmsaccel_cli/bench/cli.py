@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
@@ -46,22 +45,22 @@ def _ints(values: list[str] | None, option: str, default: list[int]) -> list[int
 
 
 def _overrides(sets: list[str] | None, data: str | None) -> dict[str, Any]:
+    from ..recipes import RecipeError, parse_set  # the same --set rules as fmsaccel run
+
     out: dict[str, Any] = {}
     for item in sets or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise BenchError(f"--set {item!r}: expected key=value")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+            key, value = parse_set(item)
+        except RecipeError as e:
+            raise BenchError(str(e)) from None
+        out[key] = value
     if data is not None:
         out["training_data_path"] = data
     return out
 
 
 def _fail(console: Console, error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -73,9 +72,9 @@ def bench(
         None, "--defaults", help="Defaults file (seed format). Default: defaults.yaml beside the matrix file, if any."
     ),
     effective_batch_size: list[str] | None = typer.Option(
-        None, "--effective-batch-size", help=f"Effective batch sizes [default: 4 8]. {LIST_HELP}"
+        None, "--effective-batch-size", help=f"Effective batch sizes \\[default: 4 8]. {LIST_HELP}"
     ),
-    num_gpus: list[str] | None = typer.Option(None, "--num-gpus", help=f"GPU counts [default: 1]. {LIST_HELP}"),
+    num_gpus: list[str] | None = typer.Option(None, "--num-gpus", help=f"GPU counts \\[default: 1]. {LIST_HELP}"),
     run_only_scenarios: list[str] | None = typer.Option(
         None, "--run-only-scenarios", help=f"Only these scenarios (slow ones run only when named). {LIST_HELP}"
     ),
