@@ -78,6 +78,11 @@ def test_recipes_cp_then_validate(tmp_path):
         (["run", "--model", "llama3-8bb", "--no-install"], "did you mean 'llama3-8b'"),
         (["run", "--set", "plugins.peft.quantization.bitsandbytes.quant_type=nf5", "--dry-run"], "is not one of"),
         (["plugins", "install", "accelerated-pef"], "unknown plugin 'accelerated-pef'"),
+        (["run", "--set", "torch_dtype=fp16", "--dry-run"], "torch_dtype 'fp16' is not one of"),
+        (["run", "--data", "workload:Q", "--dry-run"], "unknown workload 'Q'"),
+        (["run", "--set", "output_dir=null", "--dry-run"], "output_dir must be a folder path"),
+        (["run", "--nnodes", "2", "--dry-run"], "needs --master-addr"),
+        (["run", "--set", "max_steps.x=1", "--dry-run"], "argument max_steps is 60, not a mapping"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message):
@@ -141,3 +146,12 @@ def test_worker_user_error_is_one_line_without_torchrun_traceback(tmp_path):
     assert out.returncode == 2
     assert "[fmsaccel] error: accelerated-moe: LoRA on experts needs lora_dropout=0" in out.stderr
     assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr
+
+
+def test_a_recipe_copy_runs_its_own_recipe(tmp_path):
+    copy = tmp_path / "ff.yaml"
+    assert cli("recipes", "cp", "full-finetuning", str(copy)).returncode == 0
+    out = cli("run", "--config", str(copy), "--dry-run", env={"COLUMNS": "300"})
+    assert out.returncode == 0 and "recipe: full-finetuning" in out.stdout and "bitsandbytes" not in out.stdout
+    out = cli("run", "--recipe", "accelerated-peft-bnb", "--config", str(copy), "--dry-run", env={"COLUMNS": "300"})
+    assert out.returncode == 2 and "is a copy of recipe 'full-finetuning'" in out.stderr

@@ -130,3 +130,12 @@ def test_unknown_shortname_in_scenarios(tmp_path):
     bad.write_text("scenarios:\n  - name: x\n    framework_config: [accelerated-peft-bnbb]\n    arguments: {r: 8}\n")
     with pytest.raises(rc.RecipeError, match="unknown framework_config 'accelerated-peft-bnbb'; did you mean"):
         rc.validate_scenarios(bad)
+
+
+def test_seed_style_exponents_are_numbers(tmp_path):
+    cfg = tmp_path / "seed.yaml"
+    cfg.write_text("arguments:\n  learning_rate: 2e-5\n")
+    resolved = rc.resolve("standard-peft", cfg, ["weight_decay=1e-2"])
+    assert resolved.args["learning_rate"] == 2e-5 and resolved.args["weight_decay"] == 0.01
+    rc.validate(resolved)
+    assert rc.parse_set('x="1.0"') == ("x", "1.0")  # quoted stays text
