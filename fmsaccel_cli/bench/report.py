@@ -90,7 +90,10 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise BenchError(f"{path}: file not found")
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise BenchError(f"{path}: not a results file (line {e.lineno}: {e.msg})") from None
     elif path.suffix == ".csv":
         with open(path, newline="") as f:
             rows = [{k: _parse_csv_value(v or "") for k, v in r.items() if k} for r in csv.DictReader(f)]

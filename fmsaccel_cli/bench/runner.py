@@ -291,7 +291,10 @@ def read_recorded(out_dir: Path) -> list[dict[str, Any]]:
     path = out_dir / RESULTS_JSONL
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path}: not a results file (line {e.lineno}: {e.msg})") from None
 
 
 # ---------------------------------------------------------------------------------------------- the matrix
@@ -334,9 +337,8 @@ def run_matrix(
     if rows and not resume:
         raise BenchError(f"{out_dir / RESULTS_JSONL} already has {len(rows)} rows; pass --resume to continue it "
                          "or choose another --out")
-    if retry_failed:
-        rows = [r for r in rows if r.get("status") == "ok"]
-    done = {r.get("cell_id") for r in rows}
+    # with --retry-failed a failed row stays recorded until its cell's new result replaces it
+    done = {r.get("cell_id") for r in rows if not retry_failed or r.get("status") == "ok"}
     todo = [c for c in cells if c.cell_id not in done]
     skipped = len(cells) - len(todo)
     if skipped:
@@ -363,6 +365,7 @@ def run_matrix(
 
                 outcome = run_cell(command, cell_dir, timeout_s, on_progress)
                 progress.remove_task(step_task)
+                rows = [r for r in rows if r.get("cell_id") != cell.cell_id]
                 rows.append(cell_row(cell, outcome, cell_dir, command))
                 write_results(out_dir, rows)
                 statuses[outcome.status] += 1
