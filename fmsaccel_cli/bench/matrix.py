@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from ..recipes import YamlLoader
+
 MATRIX_AXES = ("model_name_or_path", "training_data_path")
 NO_PLUGIN = "none"  # the seed's framework_config value for a cell without plugins
 BASELINE = "baseline-peft-bnb"
@@ -134,22 +136,10 @@ def yaml_value(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``2e-5`` as a float: YAML 1.1 wants a dot, but seed scenario files write
-    learning rates that way and mean numbers."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def _read_yaml(path: Path) -> Any:
     try:
         with open(path) as f:
-            return yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+            return yaml.load(f, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass (2e-5 is a float)
     except FileNotFoundError:
         raise BenchError(f"{path}: file not found") from None
     except yaml.YAMLError as e:
