@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fmsaccel_framework.plugin import PluginError, TrainContext
 from fmsaccel_peft.spec import BNB
@@ -15,27 +14,17 @@ KEYS = {"quant_type": "nf4", "no_peft_model": False, "double_quant": True, "comp
         "quant_storage": None}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256)
-    path = tmp_path_factory.mktemp("bnb") / "tiny"
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-    return path
-
-
 def _ctx(**args):
     lora = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return TrainContext(args=args, torch_dtype=torch.bfloat16, peft_config=lora)
 
 
-def test_accelerated_qlora_loads_4bit_and_adds_lora_without_upcasting(checkpoint):
+def test_accelerated_qlora_loads_4bit_and_adds_lora_without_upcasting(tiny_llama_folder):
     import bitsandbytes as bnb
 
     plugin = BNB.build({PATH: KEYS})
     ctx = _ctx()
-    model = plugin.augment(plugin.load_model(str(checkpoint), ctx), ctx)
+    model = plugin.augment(plugin.load_model(str(tiny_llama_folder), ctx), ctx)
     assert isinstance(model, PeftModel) and ctx.peft_config is None
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14
     assert ctx.report.entries[(BNB.name, "bnb.nn.Linear4bit (nf4) wrapped by LoRA")] == 8
@@ -46,10 +35,10 @@ def test_accelerated_qlora_loads_4bit_and_adds_lora_without_upcasting(checkpoint
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_baseline_leaves_lora_to_the_trainer_and_needs_lora(checkpoint):
+def test_baseline_leaves_lora_to_the_trainer_and_needs_lora(tiny_llama_folder):
     plugin = BNB.build({PATH: {**KEYS, "no_peft_model": True}})
     ctx = _ctx()
-    model = plugin.augment(plugin.load_model(str(checkpoint), ctx), ctx)
+    model = plugin.augment(plugin.load_model(str(tiny_llama_folder), ctx), ctx)
     assert not isinstance(model, PeftModel) and ctx.peft_config is not None
     ctx.peft_config = None
     with pytest.raises(PluginError, match="needs peft_method: lora"):

@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fmsaccel_framework.plugin import PluginError, TrainContext
 from fmsaccel_peft.gptq import QuantLinear, load_quantized, plugin
@@ -28,13 +27,8 @@ def _context(**args) -> TrainContext:
 
 
 @pytest.fixture(scope="module")
-def full_precision(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256)
-    path = tmp_path_factory.mktemp("e2e") / "tiny-fp"
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-    return path
+def full_precision(tiny_llama_folder):
+    return tiny_llama_folder
 
 
 def test_quantize_load_train_save_reload(full_precision, tmp_path):
