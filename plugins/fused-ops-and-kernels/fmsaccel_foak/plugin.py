@@ -91,13 +91,6 @@ class FusedOpsPlugin(AccelerationPlugin):
             logger.warning("fast_loss: true under TRL's SFTTrainer (no full logits to apply the Triton "
                            "cross-entropy to): foak's chunked linear + cross-entropy computes the loss instead")
             fused_loss = True
-        if fused_loss and getattr(getattr(trainer, "args", None), "fsdp", None):
-            # FSDP shards lm_head as a DTensor gathered only inside its own forward, which the chunked loss
-            # bypasses: TRL's chunked head (which calls the module) computes the loss instead
-            message = "FSDP: the chunked linear + cross-entropy is not used (lm_head is sharded); TRL's head runs"
-            logger.warning(message)
-            ctx.report.note(self.name, message)
-            fused_loss = False
         self._note_replaced_experts(base, ctx)
         lost = [m for m, attr, fn in self._installed if m.__dict__.get(attr) is not fn]
         if lost:

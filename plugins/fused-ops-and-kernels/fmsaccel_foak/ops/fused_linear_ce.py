@@ -115,6 +115,8 @@ def token_logprobs(
     ``hidden [N, H]`` and ``targets [N]`` hold only the tokens to score (no ignore index).
     Entropy and top-1 carry no gradient (they feed metrics).
     """
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards lm_head as a DTensor: gather it (differentiably) to use it
+        weight = weight.full_tensor()
     if not can_launch(_ce_stats_kernel, hidden):
         return reference.token_logprobs(hidden, weight, targets, logit_scale)
     return _TokenLogProbs.apply(hidden, weight, targets.contiguous(), float(logit_scale))
