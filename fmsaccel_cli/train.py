@@ -85,6 +85,19 @@ def build_lora_config(args: dict[str, Any]):
         raise PluginError(f"invalid LoRA settings: {str(e).splitlines()[0]}") from None
 
 
+def _profile_summary(events) -> str:
+    """Top kernels by GPU time, top ops by CPU time, and the launch count (R-like steps are launch-bound)."""
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    gpu_busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    cpu_total = sum(e.self_cpu_time_total for e in events) / 1e3
+    parts = [f"two steps: {launches} kernel launches, {gpu_busy:.1f} ms GPU busy, {cpu_total:.1f} ms CPU (self)"]
+    if torch.cuda.is_available():
+        parts.append(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    parts.append(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    return "\n".join(parts)
+
+
 class RunMetrics(TrainerCallback):
     """Tokens/s on non-padding tokens after warm-up, peak memory, per-step loss, progress lines.
 
@@ -146,8 +159,7 @@ class RunMetrics(TrainerCallback):
     def _write_profile(self, output_dir: str) -> None:
         self._sync()
         self.profiler.__exit__(None, None, None)
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = self.profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+        table = _profile_summary(self.profiler.key_averages())
         if is_main_process():
             Path(output_dir, "profile.txt").write_text(table)
             print(table, flush=True)
