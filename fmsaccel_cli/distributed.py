@@ -176,8 +176,8 @@ def check(args: dict[str, Any], active, world_size: int, sources: dict[str, str]
         notes.append(f"FSDP: the 4-bit weights are stored as {dtype} (bitsandbytes quant_storage) and sharded "
                      "like any parameter")
     if GPTQ_PATH in cfg:
-        notes.append("FSDP: GPTQ's packed 4-bit weights are buffers, replicated on every rank (never gathered in "
-                     "full precision); LoRA, embeddings, norms and lm_head are sharded")
+        notes.append("FSDP: GPTQ's packed 4-bit tensors are held as torch_dtype parameters (the same bytes) and "
+                     "sharded; each layer gathers its packed bytes, never a full-precision copy")
     return notes
 
 

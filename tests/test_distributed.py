@@ -113,7 +113,8 @@ def test_combinations_that_cannot_work_are_refused(recipe, sets, world, message)
 
 def test_notes_for_what_fsdp_does_with_4bit_weights():
     assert any("stored as bfloat16" in n for n in _check("accelerated-peft-bnb", "distributed.strategy=fsdp"))
-    assert any("replicated on every rank" in n for n in _check(GPTQ, "distributed.strategy=fsdp"))
+    assert any("packed 4-bit tensors are held as torch_dtype parameters" in n
+               for n in _check(GPTQ, "distributed.strategy=fsdp"))
     assert _check("accelerated-peft-bnb", "distributed.fsdp.sharding=full_shard") == [
         "distributed.fsdp options are ignored: distributed.strategy is ddp"]
     assert _check("moe-scattermoe-granite-ep2", world=4) == []
@@ -233,6 +234,7 @@ def test_fsdp_gptq_lora_matches_one_process(tmp_path, single_process):
     many, stdout = _run_fsdp_worker(GPTQ, tmp_path, "per_device_train_batch_size=4")
     _same_losses(many, one)
     assert "accelerated-peft-gptq loads its 4-bit checkpoint on every rank" in stdout
+    assert "QuantLinear packed tensors held as float32 parameters (FSDP shards them)" in stdout
     _same_adapter(tmp_path, one_dir)
 
 

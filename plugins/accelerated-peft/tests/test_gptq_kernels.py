@@ -120,6 +120,23 @@ def test_quant_linear_cpu_path_warns_once(random_gptq, caplog, monkeypatch):
     torch.testing.assert_close(layer.dequantize(torch.float32), w["reference"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_float_storage_keeps_the_bytes_and_the_output(random_gptq, storage):
+    """FSDP shards parameters of its dtype only: the packed tensors become such parameters, bytes unchanged."""
+    w = random_gptq(136, 72, group_size=32, act_order=True, device="cpu")
+    layer = _quant_linear(w)
+    x = torch.randn(4, 136)
+    before = layer(x)
+    layer.use_float_storage(storage)
+    params = dict(layer.named_parameters())
+    assert set(params) == set(QuantLinear.PACKED) and not dict(layer.named_buffers())
+    assert all(p.dtype == storage and not p.requires_grad for p in params.values())
+    for name in QuantLinear.PACKED:
+        assert torch.equal(layer._packed(name), w[name].to(layer._packed(name).dtype))
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(layer.dequantize(torch.float32), w["reference"], rtol=0, atol=0)
+
+
 def test_quant_linear_rejects_inconsistent_tensors(random_gptq):
     w = random_gptq(64, 32, group_size=32, device="cpu")
     with pytest.raises(ValueError, match="scales has shape"):

@@ -69,15 +69,40 @@ class QuantLinear(nn.Linear):
         # act-order checkpoints need the per-row group lookup; the others take the faster sequential path
         self.act_order = not torch.equal(g_idx, sequential)
         self.register_parameter("weight", None)
+        self._native_dtypes: dict[str, torch.dtype] = {}  # packed tensors held in another dtype (FSDP)
         self.register_buffer("qweight", qweight)
         self.register_buffer("qzeros", qzeros)
         self.register_buffer("scales", scales)
         self.register_buffer("g_idx", g_idx)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+    def use_float_storage(self, dtype: torch.dtype) -> None:
+        """Hold the packed tensors as frozen ``dtype`` parameters (the same bytes, reinterpreted) so FSDP shards them.
+
+        FSDP shards floating-point parameters only and leaves buffers replicated on every rank: for an 8B model
+        that is 3.5 GiB of 4-bit weights per GPU. FSDP gathers the bytes as they are when ``dtype`` is its
+        parameter dtype (``torch_dtype``), and the kernels read them back in their own dtypes.
+        """
+        for name in self.PACKED:
+            tensor = getattr(self, name)
+            if tensor.dtype == dtype:
+                continue
+            if (tensor.shape[-1] * tensor.element_size()) % dtype.itemsize:
+                raise ValueError(f"{name} {tuple(tensor.shape)} cannot be stored as {dtype}")
+            del self._buffers[name]
+            setattr(self, name, nn.Parameter(tensor.view(dtype), requires_grad=False))
+            self._native_dtypes[name] = tensor.dtype
+
+    def _packed(self, name: str) -> torch.Tensor:
+        tensor = getattr(self, name)
+        native = self._native_dtypes.get(name)
+        return tensor if native is None else tensor.view(native)
+
     def _kernel_args(self):
-        g_idx = self.g_idx if self.act_order else None
-        return (self.qweight, self.scales, self.qzeros, g_idx), dict(
+        g_idx = self._packed("g_idx") if self.act_order else None
+        return (self._packed("qweight"), self._packed("scales"), self._packed("qzeros"), g_idx), dict(
             group_size=self.group_size, zero_offset=self.zero_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,13 @@ class GPTQPlugin(AccelerationPlugin):
                                attn_implementation=ctx.extras.get("attn_implementation"))
         ctx.report.add(self.name, f"nn.Linear -> QuantLinear (GPTQ 4-bit, {self.keys['kernel']})",
                        count_quant_layers(model))
+        if (ctx.args.get("distributed") or {}).get("strategy") == "fsdp":
+            storage = ctx.torch_dtype or torch.bfloat16
+            layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+            for layer in layers:
+                layer.use_float_storage(storage)
+            ctx.report.add(self.name, f"QuantLinear packed tensors held as {str(storage).removeprefix('torch.')} "
+                                      "parameters (FSDP shards them)", len(layers))
         if not torch.cuda.is_available():
             ctx.report.note(self.name, "no CUDA: QuantLinear dequantises with plain torch (Triton kernels not used)")
         return model
