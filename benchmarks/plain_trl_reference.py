@@ -58,7 +58,9 @@ def main() -> None:
     path = materialize(a.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    rows = build_workload(a.workload, vocab_size=vocab, num_examples=a.batch * (a.steps + 2), seed=42)
+    # the examples `fmsaccel run` generates for a workload (max_steps x 64, seed 42), so the Trainer's shuffled
+    # batches are the same ones: on R, tokens per step (and so tokens/s) depend on which examples meet
+    rows = build_workload(a.workload, vocab_size=vocab, num_examples=a.steps * 64, seed=42)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, device_map={"": 0},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
