@@ -13,8 +13,9 @@ _KEYS = {
     "fast_rms_layernorm": ConfigKey(bool, default=False, help="Triton RMSNorm"),
     "fast_rope_embeddings": ConfigKey(bool, default=False, help="Triton RoPE with position_ids"),
     "fast_swiglu": ConfigKey(bool, default=False, help="Triton SwiGLU in the MLP"),
-    "selective_checkpointing": ConfigKey(bool, default=True,
-                                         help="under gradient checkpointing, keep attention outputs"),
+    "selective_checkpointing": ConfigKey(bool, default=False,
+                                         help="under gradient checkpointing, keep attention outputs (memory and "
+                                              "per-op CPU time for less recompute: long sequences only)"),
 }
 
 FOAK = PluginSpec(

@@ -186,7 +186,7 @@ def test_selective_checkpointing_keeps_gradients(base_layer):
     ids, labels = _batch()
     want = _step(model, input_ids=ids, labels=labels)
     ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = build(base_layer=base_layer, fused_lora=True, **ALL_KERNELS)
+    plugin = build(base_layer=base_layer, fused_lora=True, selective_checkpointing=True, **ALL_KERNELS)
     model = plugin.augment(model, ctx)
     plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
     model.gradient_checkpointing_enable()
