@@ -45,13 +45,13 @@ def fusable(layer: nn.Module) -> bool:
     return (not layer.disable_adapters and not layer.merged and len(active) == 1 and active[0] in layer.lora_A)
 
 
-def fused_linear_forward(keep_weights: bool) -> Callable:
+def fused_linear_forward(keep_weights: bool, fp8: bool = False) -> Callable:
     """Forward of one LoRA layer through the fused op (PEFT's own forward when it is not in a fusable state)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not fusable(self):
             return type(self).forward(self, x, *args, **kwargs)
-        return ops.fused_lora(x, [self], keep_weights)[0]
+        return ops.fused_lora(x, [self], keep_weights, fp8)[0]
 
     return forward
 
@@ -77,7 +77,7 @@ def _answering(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor):
             module.forward = previous
 
 
-def fused_attention_forward(keep_weights: bool) -> Callable:
+def fused_attention_forward(keep_weights: bool, fp8: bool = False) -> Callable:
     """Attention forward computing q, k and v in one fused op over the shared input, then the original forward.
 
     The original forward still runs (RoPE, cache, attention backend, o_proj); its
@@ -90,7 +90,7 @@ def fused_attention_forward(keep_weights: bool) -> Callable:
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if not all(fusable(p) for p in projections):
             return type(self).forward(self, *args, **kwargs)
-        outputs = ops.fused_lora(hidden, projections, keep_weights)
+        outputs = ops.fused_lora(hidden, projections, keep_weights, fp8)
         with ExitStack() as stack:
             for proj, out in zip(projections, outputs, strict=True):
                 stack.enter_context(_answering(proj, hidden, out))
@@ -104,7 +104,7 @@ def swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool) -> Callable:
+def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, fp8: bool = False) -> Callable:
     """Gated MLP with gate/up in one fused op and down in another.
 
     The down projection never keeps its dequantised weight: under checkpointing that
@@ -116,9 +116,9 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool) -> Callable:
         layers = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(fusable(p) for p in layers):
             return type(self).forward(self, x)
-        gate, up = ops.fused_lora(x, layers[:2], keep_weights)
+        gate, up = ops.fused_lora(x, layers[:2], keep_weights, fp8)
         hidden = ops.swiglu(gate, up) if fast_swiglu else self.act_fn(gate) * up
-        return ops.fused_lora(hidden, layers[2:], keep_weights=False)[0]
+        return ops.fused_lora(hidden, layers[2:], keep_weights=False, fp8=fp8)[0]
 
     return forward
 

@@ -30,6 +30,7 @@ class Options:
     keep_weights: bool = False  # reuse dequantised weights in the backward (set under gradient checkpointing)
     fast_swiglu: bool = False  # the fused MLP uses the SwiGLU kernel too
     fast_loss: bool | str = False
+    fp8: bool = False  # fused LoRA's frozen base matmuls in FP8 (long sequences, FP8-capable GPUs)
 
 
 def _classes(modeling, names) -> tuple[type, ...]:
@@ -170,11 +171,11 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
         for layer in (*qkv, attn.o_proj):
             _lora_layer_ok(layer)
         if _fusable_group(qkv):
-            _set_forward(attn, modules.fused_attention_forward(options.keep_weights))
+            _set_forward(attn, modules.fused_attention_forward(options.keep_weights, options.fp8))
             _mark_fused(qkv)
             qkv_patched += 1
         if hasattr(attn.o_proj, "lora_A") and _fusable_group([attn.o_proj]):
-            _set_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights))
+            _set_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights, options.fp8))
             _mark_fused([attn.o_proj])
             o_patched += 1
     name = "/".join(rule["attention"])
@@ -190,7 +191,7 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
             if _fusable_group(layers):
                 if options.fast_swiglu and not _is_silu(mlp.act_fn):
                     raise RuleError(f"fast_swiglu needs a SiLU MLP activation, not {type(mlp.act_fn).__name__}")
-                _set_forward(mlp, modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu))
+                _set_forward(mlp, modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu, options.fp8))
                 _mark_fused(layers)
                 patched += 1
         if patched:

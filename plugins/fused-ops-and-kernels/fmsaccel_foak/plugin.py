@@ -48,6 +48,9 @@ class FusedOpsPlugin(AccelerationPlugin):
             raise PluginError(f"configure fused_ops_and_kernels under exactly one of: {', '.join(PATHS)}")
         self.keys = config[active[0]]
         self.requested = [k for k in ORDER if self.keys[k]]
+        if self.keys["fp8_matmul"] and not self.keys["fused_lora"]:
+            raise PluginError(f"plugins.{active[0]}.fp8_matmul runs the fused LoRA op's base matmuls in FP8: it "
+                              "needs fused_lora: true")
         self._installed: list[tuple] = []  # foak forwards on submodules, checked again in prepare_trainer
 
     def augment(self, model, ctx: TrainContext):
@@ -66,7 +69,10 @@ class FusedOpsPlugin(AccelerationPlugin):
             self._check_base_layer(model)
         base = unwrap_peft(model)
         options = Options(keep_weights=bool(ctx.args.get("gradient_checkpointing")),
-                          fast_swiglu=bool(self.keys["fast_swiglu"]), fast_loss=self.keys["fast_loss"])
+                          fast_swiglu=bool(self.keys["fast_swiglu"]), fast_loss=self.keys["fast_loss"],
+                          fp8=bool(self.keys["fp8_matmul"]))
+        if options.fp8:
+            self._note_fp8(ctx)
         for kernel in self.requested:
             try:
                 lines = apply_rule(base, rules, kernel, options)
@@ -106,6 +112,16 @@ class FusedOpsPlugin(AccelerationPlugin):
 
             enable_selective_checkpointing(base.base_model)
             ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
+
+    def _note_fp8(self, ctx: TrainContext) -> None:
+        from .ops import fp8
+
+        if torch.cuda.is_available() and not fp8.supported(torch.device("cuda")):
+            raise PluginError(f"fp8_matmul needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this "
+                              f"{torch.cuda.get_device_name()} has {torch.cuda.get_device_capability()}")
+        ctx.report.note(self.name, f"fp8_matmul: frozen base matmuls (forward and input gradient) in FP8 e4m3, "
+                                   f"row-wise scaled, for micro-batches of {fp8.MIN_ROWS}+ tokens; LoRA in "
+                                   f"{str(ctx.torch_dtype).removeprefix('torch.')}")
 
     def _note_replaced_experts(self, base, ctx: TrainContext) -> None:
         """A later plugin (accelerated-moe) may replace the experts' forward, with its own SwiGLU: say so."""

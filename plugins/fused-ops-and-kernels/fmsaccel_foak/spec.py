@@ -13,6 +13,8 @@ _KEYS = {
     "fast_rms_layernorm": ConfigKey(bool, default=False, help="Triton RMSNorm"),
     "fast_rope_embeddings": ConfigKey(bool, default=False, help="Triton RoPE with position_ids"),
     "fast_swiglu": ConfigKey(bool, default=False, help="Triton SwiGLU in the MLP"),
+    "fp8_matmul": ConfigKey(bool, default=False,
+                            help="fused LoRA: frozen base matmuls in FP8 e4m3 (row-wise scales) at 4096+ tokens"),
     "selective_checkpointing": ConfigKey(bool, default=False,
                                          help="under gradient checkpointing, keep attention outputs (memory and "
                                               "per-op CPU time for less recompute: long sequences only)"),

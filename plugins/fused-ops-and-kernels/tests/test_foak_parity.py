@@ -32,7 +32,7 @@ def _batches(steps: int, batch: int = 2, seq: int = 16, distinct: int = 4):
     return [data[i % distinct] for i in range(steps)]
 
 
-def _train(base_layer: str | None, foak: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(base_layer: str | None, foak: bool, fp8: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = quantize_decoder(tiny_model("llama", num_hidden_layers=1), base_layer)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def _train(base_layer: str | None, foak: bool) -> tuple[list[float], dict[str, t
     if foak:
         keys = {k: v.default for k, v in FOAK.paths[PATH].items()}
         keys.update(base_layer=base_layer, fused_lora=True, fast_loss="fused_ce_liger", fast_rms_layernorm=True,
-                    fast_rope_embeddings=True, fast_swiglu=True)
+                    fast_rope_embeddings=True, fast_swiglu=True, fp8_matmul=fp8)
         model = FOAK.build({PATH: keys}).augment(model, TrainContext(args={}))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -66,3 +66,23 @@ def test_loss_parity_50_steps(base_layer):
     assert got_adapter.keys() == want_adapter.keys()
     for name, want in want_adapter.items():
         torch.testing.assert_close(got_adapter[name], want, atol=1e-3, rtol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize("base_layer", [None, "bitsandbytes", "auto_gptq"])
+def test_loss_parity_50_steps_with_fp8_base_matmuls(base_layer, monkeypatch):
+    """FP8 base matmuls (forced on for these short batches) keep every step's loss within 4 % of the exact run.
+
+    Not the 1 % of the exact kernels: e4m3 rounds both operands of every base matmul (about 3.6 % rms error per
+    output on random data), and over 50 steps at this learning rate the runs drift 1.4-2.7 % apart. That is why
+    ``fp8_matmul`` is opt-in and off in every shipped recipe. The adapters are not compared: Adam's normalised
+    steps turn the small gradient differences into different weights (as any change of rounding would) while the
+    loss stays on course, which is what is asserted.
+    """
+    from fmsaccel_foak.ops import fp8
+
+    monkeypatch.setattr(fp8, "MIN_ROWS", 0)
+    want_losses, _ = _train(base_layer, foak=False)
+    got_losses, _ = _train(base_layer, foak=True, fp8=True)
+    assert want_losses[-1] < want_losses[0] - 0.5
+    for step, (got, want) in enumerate(zip(got_losses, want_losses, strict=True)):
+        assert abs(got - want) <= 0.04 * abs(want), f"step {step}: loss {got:.5f} vs {want:.5f}"

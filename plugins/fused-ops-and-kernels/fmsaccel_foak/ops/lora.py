@@ -33,6 +33,7 @@ from torch import nn
 
 from ..base_layers import dequantize_base_weight, is_quantized
 from ..runtime import compute_dtype
+from . import fp8 as fp8_ops
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,24 @@ def dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
 
 class _FusedLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, projections: tuple[Projection, ...], keep_weights: bool, *lora_weights):
+    def forward(ctx, x: torch.Tensor, projections: tuple[Projection, ...], keep_weights: bool, fp8: bool,
+                *lora_weights):
         ctx.set_materialize_grads(False)
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        ctx.fp8 = fp8 and fp8_ops.applies(x2)
+        x_fp8 = fp8_ops.QuantizedInput(x2) if ctx.fp8 else None  # quantised once for all projections
         outputs, masks, products, kept = [], [], [], []
         weights = iter(lora_weights)
         for proj in projections:
             w = dequantize_base_weight(proj.base, dtype)
             bias = None if proj.base.bias is None else proj.base.bias.to(dtype)
-            y = F.linear(x2, w, bias)
+            if x_fp8 is not None and w.shape[0] % 16 == 0:
+                y = fp8_ops.linear(x_fp8, w, dtype)
+                if bias is not None:
+                    y.add_(bias)
+            else:
+                y = F.linear(x2, w, bias)
             kept.append(w if keep_weights or not is_quantized(proj.base) else None)
             if proj.has_lora:
                 a, b = next(weights).to(dtype), next(weights).to(dtype)
@@ -115,7 +124,11 @@ class _FusedLoRA(torch.autograd.Function):
             dy = grad.reshape(-1, grad.shape[-1]).to(dtype)
             if need_dx:
                 w = dequantize_base_weight(proj.base, dtype) if w is None else w
-                dx = dy @ w if dx is None else dx.addmm_(dy, w)
+                if ctx.fp8 and w.shape[0] % 16 == 0:
+                    part = fp8_ops.input_grad(dy, w, dtype)
+                    dx = part if dx is None else dx.add_(part)
+                else:
+                    dx = dy @ w if dx is None else dx.addmm_(dy, w)
             if not proj.has_lora:
                 continue
             a, b = a_param.to(dtype), b_param.to(dtype)
@@ -131,7 +144,7 @@ class _FusedLoRA(torch.autograd.Function):
             lora_grads += [da.to(a_param.dtype), db.to(b_param.dtype)]
         if dx is not None:
             dx = dx.view(*_input_shape(grads, dx.shape[-1])).to(ctx.x_dtype)
-        return (dx, None, None, *lora_grads)
+        return (dx, None, None, None, *lora_grads)
 
 
 def _input_shape(grads, features: int) -> tuple[int, ...]:
@@ -140,12 +153,15 @@ def _input_shape(grads, features: int) -> tuple[int, ...]:
     return (*grad.shape[:-1], features)
 
 
-def fused_lora(x: torch.Tensor, layers: Sequence[nn.Module], keep_weights: bool = False) -> tuple[torch.Tensor, ...]:
+def fused_lora(
+    x: torch.Tensor, layers: Sequence[nn.Module], keep_weights: bool = False, fp8: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Run ``layers`` (PEFT LoRA layers or bare base layers) that all read ``x``, as one fused op.
 
     Returns one output per layer. ``keep_weights`` keeps dequantised weights from the
-    forward for the backward instead of dequantising again.
+    forward for the backward instead of dequantising again. ``fp8`` runs the frozen base
+    matmuls (forward and input gradient) in FP8 where :func:`.fp8.applies` (see :mod:`.fp8`).
     """
     projections, weights = zip(*(lora_parts(layer) for layer in layers), strict=True)
     flat = [t for pair in weights for t in pair]
-    return _FusedLoRA.apply(x, tuple(projections), keep_weights, *flat)
+    return _FusedLoRA.apply(x, tuple(projections), keep_weights, fp8, *flat)
