@@ -289,22 +289,34 @@ def verify(trainer, ctx) -> None:
 
 
 def save_model(trainer, output_dir: str) -> None:
-    """``trainer.save_model``, except where PEFT would miss the adapter under FSDP's activation checkpointing.
+    """``trainer.save_model``, except under FSDP, where a LoRA run gathers and saves its adapter only.
 
+    The generic FSDP path gathers the full model state dict (every 4-bit weight, the embeddings and the
+    lm_head, gigabytes) to save a few megabytes of adapter; on 2 GPUs it also stalled after training. Here
+    every rank gathers the trainable tensors in the same order, and rank 0 writes a normal PEFT adapter.
     accelerate's checkpoint wrappers put ``_checkpoint_wrapped_module`` into every decoder layer's module
-    name, while the full state dict (torch cleans the names) has none, so PEFT matches no adapter weight
-    and writes an empty adapter. Rank 0 saves with the wrappers lifted out for the moment instead.
+    name, which PEFT's key matching does not expect, so the names are saved without it.
     """
-    if not getattr(trainer, "is_fsdp_enabled", False) or not _has_checkpoint_wrappers(trainer.model):
+    if not getattr(trainer, "is_fsdp_enabled", False):
         trainer.save_model(output_dir)
         return
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.args.should_save and hasattr(model, "peft_config"):
+    if not hasattr(model, "peft_config"):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank
+        if trainer.args.should_save:
+            with _checkpoint_wrappers_lifted(model):
+                model.save_pretrained(output_dir, state_dict=state_dict)
+        return
+    state_dict = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # all-gather: every rank
+        if trainer.args.should_save:
+            state_dict[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().to("cpu")
+    if trainer.args.should_save:
         with _checkpoint_wrappers_lifted(model):
             model.save_pretrained(output_dir, state_dict=state_dict)
-    elif trainer.args.should_save:
-        model.save_pretrained(output_dir, state_dict=state_dict)
 
 
 def _has_checkpoint_wrappers(model) -> bool:
