@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# the top-level recipes/ folder, through a link inside the package so that wheels carry it too
+REPO_RECIPES = Path(__file__).resolve().parent / "recipes_data"
 NO_PLUGIN_RECIPES = ("full-finetuning", "standard-peft")
 
 # Arguments fmsaccel understands beyond SFTConfig / LoraConfig fields (fms-hf-tuning names and our own).

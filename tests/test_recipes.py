@@ -139,3 +139,22 @@ def test_seed_style_exponents_are_numbers(tmp_path):
     assert resolved.args["learning_rate"] == 2e-5 and resolved.args["weight_decay"] == 0.01
     rc.validate(resolved)
     assert rc.parse_set('x="1.0"') == ("x", "1.0")  # quoted stays text
+
+
+@pytest.mark.slow
+def test_a_built_wheel_carries_the_recipes(tmp_path):
+    """recipes/ sits at the top of the repo; the package reaches it through a link that wheels copy."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(rc.__file__).resolve().parent.parent
+    assert rc.REPO_RECIPES.resolve() == (repo / "recipes").resolve()
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path), "-q"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fmsaccel-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {p.relative_to(repo / "recipes").as_posix() for p in (repo / "recipes").rglob("*.yaml")}
+    assert {f"fmsaccel_cli/recipes_data/{name}" for name in shipped} <= names
