@@ -247,12 +247,36 @@ def resolve(
     for key, value in (overrides or {}).items():
         if value is not None:
             _merge_args(args, {key: value}, f"--{key}", sources)
+    args, plugins = _interpolate(args, plugins, sources)
     resolved = Resolved(name, args, plugins, sources)
     model = args.get("model_name_or_path")
     if isinstance(model, list):
         args["model_name_or_path"] = model[0]
         resolved.notes.append(f"model_name_or_path is a list; run takes the first ({model[0]}); bench expands it")
     return resolved
+
+
+def _interpolate(args: dict, plugins: dict, sources: dict[str, str]) -> tuple[dict, dict]:
+    """Resolve omegaconf ``${...}`` interpolations over the merged recipe (``output_dir: outputs/r${r}``).
+
+    Arguments are at the root and the framework config under ``plugins``, as ``recipes show`` prints them.
+    omegaconf is imported only when a value asks for it (the CLI stays light).
+    """
+    tree = {**args, "plugins": plugins}
+    if "${" not in repr(tree):
+        return args, plugins
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "")
+        where = sources.get(key) or sources.get(f"args.{key}") or "the recipe"
+        raise RecipeError(f"{where}: {key or 'a value'}: cannot resolve interpolation ({getattr(e, 'msg', e)})") \
+            from None
+    resolved_plugins = resolved.pop("plugins")
+    return resolved, resolved_plugins
 
 
 def config_file_recipe(path: str | Path) -> str | None:

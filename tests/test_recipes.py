@@ -158,3 +158,13 @@ def test_a_built_wheel_carries_the_recipes(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(repo / "recipes").as_posix() for p in (repo / "recipes").rglob("*.yaml")}
     assert {f"fmsaccel_cli/recipes_data/{name}" for name in shipped} <= names
+
+
+def test_omegaconf_interpolation_across_the_merged_recipe(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("arguments:\n  output_dir: /tmp/runs/r${r}-${plugins.peft.quantization.bitsandbytes.quant_type}\n")
+    resolved = rc.resolve("accelerated-peft-bnb", cfg, sets=["r=8"])
+    assert resolved.args["output_dir"] == "/tmp/runs/r8-nf4"
+    cfg.write_text("arguments:\n  output_dir: /tmp/runs/${rank}\n")
+    with pytest.raises(rc.RecipeError, match=r"r.yaml: output_dir: cannot resolve interpolation"):
+        rc.resolve("accelerated-peft-bnb", cfg)
