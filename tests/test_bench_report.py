@@ -97,6 +97,16 @@ def test_baseline_ratios_match_model_batch_and_gpus():
     assert ratios[("accelerated-peft-bnb-foak", 2)]["train_tokens_per_second_vs_baseline"] is None  # no baseline
 
 
+def test_baseline_ratios_stay_within_a_device_call():
+    """A reference file gathering several device calls compares each row with its own call's baseline."""
+    first = [{**r, "device_call": "a"} for r in _ours()]
+    second = [{**r, "device_call": "b", "train_tokens_per_second": (r["train_tokens_per_second"] or 0) / 2}
+              for r in _ours()]
+    for row in add_baseline_ratios(first + second):
+        if row["framework_config"] == "accelerated-peft-bnb-foak":
+            assert row["train_tokens_per_second_vs_baseline"] == round(3200 / 2800, 4), row["device_call"]
+
+
 def test_regressions_against_the_reference(tmp_path):
     (tmp_path / "ref.csv").write_text(SEED_CSV)
     ours = read_results(_write_jsonl(tmp_path / "results.jsonl", _ours()))

@@ -117,7 +117,7 @@ def cell_key(row: dict[str, Any], with_data: bool) -> tuple:
 
 def add_baseline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row plus ``*_vs_baseline``: its tokens/s and peak memory over the ``baseline-peft-bnb`` cell's with the
-    same model, data, GPU count and per-device batch (rows are not changed in place)."""
+    same model, data, GPU count, per-device batch and device call (rows are not changed in place)."""
     normal = [normalize(r) for r in rows]
     baselines = {}
     for n in normal:
@@ -136,7 +136,9 @@ def add_baseline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _baseline_key(row: dict[str, Any]) -> tuple:
-    return row["model_name_or_path"], row.get(DATA), row.get("num_gpus"), row.get("per_device_train_batch_size")
+    # device_call: a reference file that gathers several device calls (machines) compares within each call only
+    return (row["model_name_or_path"], row.get(DATA), row.get("num_gpus"), row.get("per_device_train_batch_size"),
+            row.get("device_call"))
 
 
 # ---------------------------------------------------------------------------------------------- regressions
