@@ -109,7 +109,7 @@ def _write_random_checkpoint(name: str, overrides: dict[str, Any] | None, seed: 
     from transformers import AutoModelForCausalLM
 
     config = build_config(name, overrides)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if _fits_on_gpu(config) else "cpu"
     print(f"[fmsaccel] building a random-initialised {name} ({config.model_type}) on {device} -> {target}", flush=True)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -123,6 +123,18 @@ def _write_random_checkpoint(name: str, overrides: dict[str, Any] | None, seed: 
     (tmp / ".complete").write_text(name)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+def _fits_on_gpu(config) -> bool:
+    """Whether the bf16 model fits in the GPU's free memory with room to spare (a 70B shape is built on the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not torch.cuda.is_available():
+        return False
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    return params * 2 < 0.8 * torch.cuda.mem_get_info()[0]
 
 
 def check_model(name_or_path: Any) -> None:
