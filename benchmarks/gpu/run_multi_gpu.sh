@@ -7,7 +7,8 @@
 # micro-batch (1gpu-b8) is added: the same global batch without accumulation (more activation memory, and on this
 # launch-bound workload more tokens/s per GPU). Prints a table; CSV, metrics and log tails in $OUT.
 #   bash benchmarks/gpu/run_multi_gpu.sh            (run from the repo root, with .whl carried)
-# Env: KINDS="qlora gptq" (a subset to split the work over two calls), STEPS=12, WARMUP=4, BUDGET_S=510 (runs that
+# Env: KINDS="qlora gptq" (a subset to split the work over two calls), SETUPS="ddp fsdp b8" (the 2-GPU setups and
+# the one-pass batch-8 reference to run; the 1-GPU reference always runs), STEPS=12, WARMUP=4, BUDGET_S=510 (runs that
 # would start later are skipped and reported, so a slow machine still returns what it measured), HF_GC=1 adds an
 # FSDP run that keeps transformers' gradient checkpointing (activation_checkpointing: false) for comparison.
 set -u
@@ -51,6 +52,8 @@ in_budget() {  # a 2-GPU run takes about 70 s; start one only if it can finish i
 
 # the 1-GPU references run side by side, one per GPU (separate processes and GPUs: their figures are independent);
 # the GPTQ one quantises llama3-8b to 4-bit RTN into the cache on its first use
+wanted() { [[ " ${SETUPS:-ddp fsdp b8} " == *" $1 "* ]]; }  # SETUPS: which of ddp, fsdp, b8 to run
+
 one_gpu_runs() {  # one_gpu_runs SUFFIX BATCH [--set ...]: the 1-GPU run of every kind, side by side on the GPUs
   local suffix=$1 batch=$2; shift 2
   local pids=() gpu=0
@@ -62,12 +65,12 @@ one_gpu_runs() {  # one_gpu_runs SUFFIX BATCH [--set ...]: the 1-GPU run of ever
 }
 one_gpu_runs 1gpu 4 --set gradient_accumulation_steps=2
 for kind in $KINDS; do
-  in_budget "$kind-ddp2" && run "$kind-ddp2" "$kind" 2 4
+  wanted ddp && in_budget "$kind-ddp2" && run "$kind-ddp2" "$kind" 2 4
 done
 for kind in $KINDS; do
-  in_budget "$kind-fsdp2" && run "$kind-fsdp2" "$kind" 2 4 --set distributed.strategy=fsdp
+  wanted fsdp && in_budget "$kind-fsdp2" && run "$kind-fsdp2" "$kind" 2 4 --set distributed.strategy=fsdp
 done
-in_budget "1gpu-b8" && one_gpu_runs 1gpu-b8 8
+wanted b8 && in_budget "1gpu-b8" && one_gpu_runs 1gpu-b8 8
 if [ "${HF_GC:-0}" = 1 ]; then
   for kind in $KINDS; do
     in_budget "$kind-fsdp2-hfgc" && run "$kind-fsdp2-hfgc" "$kind" 2 4 --set distributed.strategy=fsdp \
