@@ -85,6 +85,19 @@ def build_lora_config(args: dict[str, Any]):
         raise PluginError(f"invalid LoRA settings: {str(e).splitlines()[0]}") from None
 
 
+class _Phases:
+    """Wall-clock seconds of each phase of a run, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
+
+
 def _profile_summary(events) -> str:
     """Top kernels by GPU time, top ops by CPU time, and the launch count (R-like steps are launch-bound)."""
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
@@ -220,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
+    phases = _Phases()  # where a run's wall time goes besides training (benchmark cells pay it every time)
     active = recipes.active_plugins(cfg.get("plugins") or {})
     framework = AccelerationFramework(active)
     for line in framework.describe():
@@ -250,6 +264,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
     model = framework.augment(model, ctx)
+    phases.mark("data_and_model")
 
     metrics = RunMetrics(int(args.get("benchmark_warmup_steps", 2)))
     signal.signal(signal.SIGTERM, lambda *_: setattr(metrics, "stop_requested", True))
@@ -280,6 +295,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
         log(line)
     if is_main_process() and hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
+    phases.mark("trainer")
 
     checkpoint = None
     if resume:
@@ -287,6 +303,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
         log(f"resuming from {checkpoint}" if checkpoint else "--resume: no checkpoint found, starting fresh")
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     interrupted = metrics.stop_requested
+    phases.mark("train")
 
     result = _result(cfg, args, framework, ctx, metrics, train_result)
     if interrupted:
@@ -295,6 +312,9 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     distributed.save_model(trainer, sft_config.output_dir)  # trainer.save_model, plus an FSDP checkpointing fix
     if is_main_process():
         tokenizer.save_pretrained(sft_config.output_dir)
+        phases.mark("save")
+        result["phase_seconds"] = phases.seconds
+        log("seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.seconds.items()))
         out = Path(sft_config.output_dir) / "metrics.json"
         out.write_text(json.dumps(result, indent=2, default=str))
         losses = result["losses"] or [float("nan")]

@@ -33,6 +33,8 @@ def test_embedded_default_qlora_trains_and_saves(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
     assert (tmp_path / "fmsaccel-config.yaml").exists()
     assert "patch report" in out.stdout and "Linear4bit (nf4) wrapped by LoRA: 16" in out.stdout
+    assert list(m["phase_seconds"]) == ["data_and_model", "trainer", "train", "save"]
+    assert all(v >= 0 for v in m["phase_seconds"].values())
 
 
 def test_baseline_and_two_processes_on_gloo(tmp_path):
