@@ -47,7 +47,11 @@ def _quantize_rows_kernel(X, Q, S, n_cols, stride_x, stride_q, FP8_MAX: tl.const
         # and the result does not depend on the cast's rounding (Triton's interpreter rounds without carry)
         mag = tl.abs(q)
         ulp = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(mag, 1e-30))), -6.0) - 3.0)
-        q = tl.where(q < 0, -1.0, 1.0) * tl.floor(mag / ulp + 0.5) * ulp
+        steps = mag / ulp
+        r = tl.floor(steps + 0.5)
+        odd = r - 2.0 * tl.floor(r * 0.5)
+        r = tl.where((r - steps == 0.5) & (odd == 1.0), r - 1.0, r)  # ties to even, as the hardware cast
+        q = tl.where(q < 0, -1.0, 1.0) * r * ulp
         tl.store(Q + row * stride_q + start + cols, q.to(Q.dtype.element_ty), mask=mask)
 
 
@@ -81,8 +85,12 @@ def supported(device: torch.device) -> bool:
 
 
 def applies(x2: torch.Tensor) -> bool:
-    """FP8 pays for ``x2 [tokens, features]``: enough tokens, a device that has it, a width cuBLASLt takes."""
-    return x2.shape[0] >= MIN_ROWS and x2.shape[1] % 16 == 0 and supported(x2.device)
+    """FP8 pays for ``x2 [tokens, features]``: enough tokens, a device that has it, a width cuBLASLt takes.
+
+    On CUDA, row-wise scaled matmuls write bf16 only, so other compute dtypes keep their matmuls.
+    """
+    dtype_ok = x2.dtype == torch.bfloat16 or x2.device.type == "cpu"
+    return x2.shape[0] >= MIN_ROWS and x2.shape[1] % 16 == 0 and dtype_ok and supported(x2.device)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
