@@ -2,7 +2,8 @@
 
 The fake (written to a temp folder) behaves by model name: ``ok-*`` trains (progress lines + metrics.json),
 ``oom`` dies of CUDA OOM, ``crash`` exits 3, ``hang`` sleeps until killed, ``hang-once`` hangs only while
-``FAKE_HANG`` is set. Every start is appended to ``$FAKE_LOG`` so a test can tell what ran and how often.
+``FAKE_HANG`` is set, ``slow-exit`` hangs after writing its metrics. Every start is appended to ``$FAKE_LOG``
+so a test can tell what ran and how often.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ metrics = {"train_tokens_per_second": tps, "train_runtime": 1.5, "train_loss": 2
            "args": {"r": 16, "output_dir": out, "model_name_or_path": "/resolved/path"}}
 with open(os.path.join(out, "metrics.json"), "w") as f:
     json.dump(metrics, f)
+if model == "slow-exit":
+    time.sleep(120)
 '''
 
 SCENARIOS = """
@@ -161,6 +164,20 @@ def test_timeout_stops_the_cell_and_is_recorded(tmp_path, fake, model, first_lin
     assert outcome.status == "timeout" and outcome.returncode is None
     assert time.monotonic() - start < 15
     assert first_line in outcome.tail and "timeout after 1 s" in outcome.tail[-1]
+
+
+def test_a_run_that_wrote_its_results_but_did_not_exit_is_ok(tmp_path, fake):
+    """metrics.json comes last, after the adapter: a cell stopped after it lost only its exit (seen on a GPU host)."""
+    run_prefix, _ = fake
+    cell = _cells(tmp_path, models=["slow-exit"])[0]
+    outcome = run_cell(cell.command(run_prefix, tmp_path / "cell"), tmp_path / "cell", timeout_s=3.0,
+                       kill_grace_s=2.0)
+    assert outcome.status == "ok" and outcome.metrics["train_tokens_per_second"] == 1500.0
+    assert "had not exited at the timeout" in outcome.tail[-1]
+    from fmsaccel_cli.bench.runner import cell_row
+
+    row = cell_row(cell, outcome, tmp_path / "cell", [])
+    assert row["status"] == "ok" and "had not exited at the timeout" in row["error"]
 
 
 def test_progress_lines_reach_the_display(tmp_path, fake):

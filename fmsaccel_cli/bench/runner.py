@@ -99,8 +99,9 @@ def error_summary(lines: list[str]) -> str:
 
 
 def _classify(returncode: int | None, timed_out: bool, saw_oom: bool, has_metrics: bool) -> str:
+    # metrics.json is the run's last write (after the adapter): a cell stopped later only failed to exit
     if timed_out:
-        return "timeout"
+        return "ok" if has_metrics else "timeout"
     if saw_oom:
         return "oom"
     return "ok" if returncode == 0 and has_metrics else "crash"
@@ -208,7 +209,11 @@ def run_cell(
             tail.append(f"[fmsaccel bench] unreadable metrics.json: {e}")
     elif returncode == 0 and not timed_out:
         tail.append(f"[fmsaccel bench] the run exited 0 but wrote no {metrics_path}")
-    status = _classify(returncode, timed_out, saw_oom, bool(metrics))
+    complete = metrics.get("train_tokens_per_second") is not None
+    status = _classify(returncode, timed_out, saw_oom, complete)
+    if timed_out and complete:
+        tail.append("[fmsaccel bench] the run had written its results (metrics.json, after the adapter) but had not "
+                    "exited at the timeout")
     lines = list(tail)
     if first_error and first_error not in lines:
         lines = [first_error, "..."] + lines
@@ -243,12 +248,18 @@ def cell_row(cell: Cell, outcome: CellOutcome, cell_dir: Path, command: list[str
         "status": outcome.status,
         "returncode": outcome.returncode,
         "elapsed_s": round(outcome.elapsed_s, 2),
-        "error": "" if outcome.status == "ok" else error_summary(outcome.tail),
+        "error": _error_column(outcome),
         "error_messages": "" if outcome.status == "ok" else "\n".join(outcome.tail),
         "cell_dir": str(cell_dir),
         "command": command,
     })
     return row
+
+
+def _error_column(outcome: CellOutcome) -> str:
+    if outcome.status != "ok":
+        return error_summary(outcome.tail)
+    return outcome.tail[-1] if outcome.returncode is None and outcome.tail else ""  # ok, but stopped at the timeout
 
 
 def _csv_cell(value: Any) -> Any:
