@@ -17,17 +17,17 @@ Tiles never straddle experts (see ``Routing.blocks``). Triton under
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fmsaccel_framework.triton_utils import grouped_tile_order, is_interpreted
 
 from .routing import Routing
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return is_interpreted(_expert_mm_kernel)  # decorated with the module, so it knows how Triton runs them
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -45,15 +45,6 @@ def _row_block(routing: Routing) -> int:
 
 
 # ----------------------------------------------------------------------------- expert_mm
-
-
-@triton.jit
-def _swizzle(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-    """Tile order that walks ``GROUP_M`` row tiles across all column tiles, so the rows stay in L2."""
-    in_group = GROUP_M * tiles_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    return first_m + (pid % in_group) % group_m, (pid % in_group) // group_m
 
 
 @triton.jit
@@ -87,7 +78,7 @@ def _expert_mm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile_order(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -251,7 +242,7 @@ def _expert_xty_kernel(
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     expert = pid // (tiles_m * tiles_n)
-    pid_m, pid_n = _swizzle(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
+    pid_m, pid_n = grouped_tile_order(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
     end = tl.load(ends_ptr + expert).to(tl.int32)
     start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

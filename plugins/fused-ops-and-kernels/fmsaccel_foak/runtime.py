@@ -13,13 +13,12 @@ import logging
 
 import torch
 
+from fmsaccel_framework.triton_utils import is_interpreted
+
 logger = logging.getLogger("fmsaccel_foak")
 _noticed: set[str] = set()
 
 
-def is_interpreted(kernel) -> bool:
-    """Whether ``kernel`` was built by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(kernel).__name__ == "InterpretedFunction"
 
 
 def notice_once(key: str, message: str) -> None:

@@ -25,18 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
+from fmsaccel_framework.triton_utils import grouped_tile_order, is_interpreted
+
 from .packing import dequantize_torch
 
 FUSED_MAX_TOKENS = int(os.environ.get("FMSACCEL_GPTQ_FUSED_MAX_TOKENS", "256"))
 BACKENDS = ("auto", "fused", "dequant", "torch")
 
 
-# read once, like triton.jit does when it decorates the kernels below (CPU tests set it before importing)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _interpreting() -> bool:
-    return _INTERPRET
+    return is_interpreted(_dequantize_kernel)  # decorated with the module, so it knows how Triton runs them
 
 
 # Set to a config dict (e.g. by a GPU correctness check) to launch without autotuning: every new
@@ -90,23 +88,13 @@ def _dequantize_kernel(
 
 
 @triton.jit
-def _tile_ids(num_rows, num_cols, GROUP_M: tl.constexpr):
-    """Launch order that walks GROUP_M row blocks per column block, so their weight tiles stay in L2."""
-    pid = tl.program_id(0)
-    per_group = GROUP_M * num_cols
-    first_row = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(num_rows - first_row, GROUP_M)
-    return first_row + (pid % per_group) % rows_here, (pid % per_group) // rows_here
-
-
-@triton.jit
 def _fused_matmul_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, y_ptr, M, N, K, stride_xm, stride_ym, M_BUCKET,
     GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, ZERO_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W^T[K, N]`` (M_BUCKET only keys the autotuner)."""
-    pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -132,7 +120,7 @@ def _fused_grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``dx[M, K] = dy[M, N] @ W[N, K]``: output tiles over (M, K), reduction over N."""
-    pid_m, pid_k = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m, pid_k = grouped_tile_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_start = pid_k * BLOCK_K
     offs_k = k_start + tl.arange(0, BLOCK_K)
