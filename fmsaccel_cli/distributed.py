@@ -301,26 +301,19 @@ def save_model(trainer, output_dir: str) -> None:
         trainer.save_model(output_dir)
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if not hasattr(model, "peft_config"):
+    if hasattr(model, "peft_config"):
+        state_dict = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # all-gather: every rank
+            if trainer.args.should_save:
+                state_dict[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().to("cpu")
+    else:
         state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank
-        if trainer.args.should_save:
-            with _checkpoint_wrappers_lifted(model):
-                model.save_pretrained(output_dir, state_dict=state_dict)
-        return
-    state_dict = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # all-gather: every rank
-        if trainer.args.should_save:
-            state_dict[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().to("cpu")
     if trainer.args.should_save:
         with _checkpoint_wrappers_lifted(model):
             model.save_pretrained(output_dir, state_dict=state_dict)
-
-
-def _has_checkpoint_wrappers(model) -> bool:
-    return any(hasattr(m, "_checkpoint_wrapped_module") for m in model.modules())
 
 
 @contextlib.contextmanager

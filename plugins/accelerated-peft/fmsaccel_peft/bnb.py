@@ -38,8 +38,7 @@ class BitsAndBytesPlugin(AccelerationPlugin):
     def quantization_config(self, ctx: TrainContext) -> BitsAndBytesConfig:
         compute = _dtype(self.keys["compute_dtype"], ctx.torch_dtype)
         storage = _dtype(self.keys["quant_storage"], torch.uint8) if self.keys["quant_storage"] else None
-        distributed = (ctx.args.get("distributed") or {}).get("strategy") == "fsdp"
-        if distributed and storage is None:
+        if ctx.fsdp and storage is None:
             storage = ctx.torch_dtype  # FSDP shards float tensors only
         kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type=self.keys["quant_type"],
                       bnb_4bit_use_double_quant=self.keys["double_quant"], bnb_4bit_compute_dtype=compute)
@@ -79,7 +78,6 @@ class BitsAndBytesPlugin(AccelerationPlugin):
         ctx.report.add(self.name, f"bnb.nn.Linear4bit ({self.keys['quant_type']}) wrapped by LoRA", wrapped)
         ctx.peft_config = None
         return model
-
 
 
 def build(spec, config) -> BitsAndBytesPlugin:

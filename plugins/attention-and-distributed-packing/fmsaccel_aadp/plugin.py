@@ -24,8 +24,6 @@ PADDING_FREE = "training.attention.padding_free"
 MULTIPACK = "training.dataloader.multipack"
 
 
-
-
 def _count_attention_layers(model) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(getattr(config, "num_hidden_layers", 0) or 0)

@@ -69,6 +69,11 @@ class TrainContext:
     report: PatchReport = field(default_factory=PatchReport)
     extras: dict[str, Any] = field(default_factory=dict)  # plugin-to-plugin hand-offs
 
+    @property
+    def fsdp(self) -> bool:
+        """Whether the run shards the model with FSDP (the ``distributed`` section, checked before launch)."""
+        return (self.args.get("distributed") or {}).get("strategy") == "fsdp"
+
 
 class AccelerationPlugin:
     """Base class with no-op hooks; a plugin overrides only what it does."""

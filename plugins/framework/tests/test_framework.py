@@ -80,3 +80,9 @@ def test_patch_report_notes_are_kept_once_and_serialise():
     assert report.as_dict() == {"patches": [{"plugin": "p", "what": "A -> B", "count": 3}],
                                 "notes": [{"plugin": "p", "note": "fell back to torch"}]}
     assert PatchReport().lines() == ["  (no modules patched)"]
+
+
+def test_train_context_says_whether_the_run_uses_fsdp():
+    assert TrainContext(args={"distributed": {"strategy": "fsdp"}}).fsdp
+    assert not TrainContext(args={"distributed": {"strategy": "ddp"}}).fsdp
+    assert not TrainContext(args={}).fsdp

@@ -27,8 +27,6 @@ ORDER = ("fast_rms_layernorm", "fast_rope_embeddings", "fused_lora", "fast_swigl
 assert sorted(ORDER) == sorted(KERNELS)
 
 
-
-
 def _lora_layers(model) -> list:
     return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
 

@@ -19,8 +19,6 @@ logger = logging.getLogger("fmsaccel_foak")
 _noticed: set[str] = set()
 
 
-
-
 def notice_once(key: str, message: str) -> None:
     if key not in _noticed:
         _noticed.add(key)

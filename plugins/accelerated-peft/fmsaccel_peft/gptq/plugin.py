@@ -97,7 +97,7 @@ class GPTQPlugin(AccelerationPlugin):
                                attn_implementation=ctx.extras.get("attn_implementation"))
         ctx.report.add(self.name, f"nn.Linear -> QuantLinear (GPTQ 4-bit, {self.keys['kernel']})",
                        count_quant_layers(model))
-        if (ctx.args.get("distributed") or {}).get("strategy") == "fsdp":
+        if ctx.fsdp:
             storage = ctx.torch_dtype or torch.bfloat16
             layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
             for layer in layers:
