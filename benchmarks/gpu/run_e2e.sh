@@ -15,7 +15,7 @@ for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -E "
 # VARIANT_SET (default: the flex padding-free backend; e.g. plugins.peft.quantization.fused_ops_and_kernels.fp8_matmul=true)
 if [ -n "${VARIANT_RECIPES:-}" ]; then
   timeout ${VARIANT_TIMEOUT:-150} fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
-    --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD-variant --timeout 140 \
+    --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD-variant --timeout ${VARIANT_CELL_TIMEOUT:-140} \
     --set "${VARIANT_SET:-plugins.training.attention.padding_free.backend=flex}" 2>&1 | grep -vE "^\s*$" | tail -5
   cp /tmp/bench-$WORKLOAD-variant/results.csv $OUT/results-$WORKLOAD-variant.csv 2>/dev/null
 fi

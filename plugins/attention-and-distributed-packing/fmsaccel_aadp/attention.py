@@ -105,12 +105,16 @@ class _LastValueCache:
     Every layer of a forward gets the same ``cu_seq_lens_q`` / ``position_ids`` tensor
     object, so masks and metadata are built once per forward instead of once per layer.
     The key tensor is kept alive with the value, so its id cannot be reused meanwhile.
+    Inside a compiled layer (foak's ``compile_layers``) the value is built in the graph
+    instead: guards on this cache's contents would recompile the layer on every batch.
     """
 
     def __init__(self):
         self._entries: dict[str, tuple[torch.Tensor, object]] = {}
 
     def get(self, kind: str, key: torch.Tensor, build: Callable[[], object]):
+        if torch.compiler.is_compiling():
+            return build()
         entry = self._entries.get(kind)
         if entry is not None and entry[0] is key:
             return entry[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -56,45 +55,50 @@ def fused_linear_forward(keep_weights: bool, fp8: bool = False) -> Callable:
     return forward
 
 
-@contextmanager
-def _answering(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor):
-    """Make ``module(inputs)`` return ``output`` for the duration (a precomputed projection)."""
-    previous = module.__dict__.get("forward")
+def fused_attention_forward(modeling, keep_weights: bool, fp8: bool = False, sliding_window: str | None = None,
+                            head_norms: bool = False) -> Callable:
+    """Rotary self-attention forward (Llama family) with q, k and v from one fused op over the shared input.
 
-    def forward(x, *args, **kwargs):
-        if x is not inputs or args or kwargs:
-            raise RuntimeError(f"fused q/k/v: {type(module).__name__} was called on another input than the "
-                               "attention's hidden states; this attention layout is not supported by fused_lora")
-        return output
-
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
-
-
-def fused_attention_forward(keep_weights: bool, fp8: bool = False) -> Callable:
-    """Attention forward computing q, k and v in one fused op over the shared input, then the original forward.
-
-    The original forward still runs (RoPE, cache, attention backend, o_proj); its
-    ``q_proj``/``k_proj``/``v_proj`` calls just return the fused results. Nothing about
-    the forward's signature is assumed beyond its hidden-states argument.
+    Written out per architecture family rather than wrapping the original forward, so
+    that nothing is mutated during the call (``torch.compile`` traces it as one graph).
+    ``modeling`` is the architecture's transformers module (its ``apply_rotary_pos_emb``
+    and ``eager_attention_forward`` are looked up at call time, so the RoPE rule applies);
+    ``sliding_window`` says where the architecture keeps its window (``"config"``,
+    ``"module"`` or None); ``head_norms`` applies Qwen3's per-head ``q_norm``/``k_norm``.
+    Projections not in a fusable state (merged, disabled, several adapters) take the
+    original forward.
     """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    def forward(self, *args, **kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(fusable(p) for p in projections):
-            return type(self).forward(self, *args, **kwargs)
-        outputs = ops.fused_lora(hidden, projections, keep_weights, fp8)
-        with ExitStack() as stack:
-            for proj, out in zip(projections, outputs, strict=True):
-                stack.enter_context(_answering(proj, hidden, out))
-            return type(self).forward(self, *args, **kwargs)
+        if args or not all(fusable(p) for p in projections):
+            return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        cache = kwargs.pop("cache", None)  # transformers >= 5.2x; earlier: past_key_values
+        legacy_cache = kwargs.pop("past_key_values", None)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query, key, value = (t.view(hidden_shape) for t in ops.fused_lora(hidden_states, projections,
+                                                                           keep_weights, fp8))
+        if head_norms:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        elif legacy_cache is not None:
+            key, value = legacy_cache.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                          modeling.eager_attention_forward)
+        if sliding_window == "config":
+            kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+        elif sliding_window == "module":
+            kwargs["sliding_window"] = self.sliding_window
+        output, weights = attention(self, query, key, value, attention_mask,
+                                    dropout=0.0 if not self.training else self.attention_dropout,
+                                    scaling=self.scaling, **kwargs)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
     return forward
 

@@ -3,8 +3,8 @@
 ``augment`` (after the quantisation plugins added LoRA) applies the kernels in a fixed
 order and reports every replacement; a requested kernel without a rule for the
 architecture is an error naming the supported ones. ``prepare_trainer`` then makes
-the fused loss answer TRL's ``fused_lm_head`` calls, and installs selective
-activation checkpointing when gradient checkpointing is on.
+the fused loss answer TRL's ``fused_lm_head`` calls, compiles the decoder layers when
+``compile_layers`` is set, and installs selective activation checkpointing when asked.
 """
 
 from __future__ import annotations
@@ -105,11 +105,28 @@ class FusedOpsPlugin(AccelerationPlugin):
             rules = RULES[base.config.model_type]
             lines = apply_rule(base, rules, "fast_loss", Options(fast_loss="fused_ce_liger"))
             ctx.report.add(self.name, f"{lines[0][0]} (the trainer's fused_lm_head calls)", 1)
+        if self.keys["compile_layers"]:
+            self._compile_layers(base, ctx)
         if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
             from .checkpointing import enable_selective_checkpointing
 
             enable_selective_checkpointing(base.base_model)
             ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
+
+    def _compile_layers(self, base, ctx: TrainContext) -> None:
+        from .compiling import compile_decoder_layers
+
+        if ctx.fsdp:
+            raise PluginError("compile_layers is not supported under FSDP (its sharding hooks sit on the decoder "
+                              "layers); use DDP, or set compile_layers: false")
+        if self.keys["selective_checkpointing"]:
+            raise PluginError("compile_layers and selective_checkpointing cannot be combined (the selective "
+                              "policy dispatches every op in Python); choose one")
+        layers = compile_decoder_layers(base)
+        if not layers:
+            raise PluginError(f"compile_layers: {type(base).__name__} has no decoder layers to compile")
+        ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
+                                  "all layers; compiles on the first step)", len(layers))
 
     def _note_fp8(self, ctx: TrainContext) -> None:
         from .ops import fp8

@@ -20,7 +20,8 @@ _noticed: set[str] = set()
 
 
 def notice_once(key: str, message: str) -> None:
-    if key not in _noticed:
+    """Log ``message`` the first time ``key`` is seen (not while compiling: the plugin's report says it then)."""
+    if not torch.compiler.is_compiling() and key not in _noticed:
         _noticed.add(key)
         logger.warning("fmsaccel_foak: %s", message)
 

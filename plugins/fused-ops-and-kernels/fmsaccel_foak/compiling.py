@@ -1,0 +1,40 @@
+"""Regional compilation: ``torch.compile`` on every decoder layer, after all patches are in place.
+
+Short-sequence steps (padding-free batches of a few hundred tokens a layer) are paced
+by the CPU: Python, autograd and hundreds of small kernel launches per layer. Compiling
+each decoder layer turns its forward and backward into one graph each (the fused ops,
+their Triton kernels, RoPE, the padding-free attention and the norms included), with
+the elementwise work fused by Inductor. All layers share the same code, so one
+compilation serves them all; ``dynamic=True`` keeps one graph across row lengths
+instead of recompiling for each new length.
+
+Gradient checkpointing: transformers up to 5.1x checkpoints the layer's ``__call__``,
+so the checkpoint stays outside the compiled region and the recompute reruns the
+compiled forward; later versions checkpoint ``forward``, inside it, where Dynamo traces
+the checkpoint as a region the partitioner recomputes. Inside that region Dynamo refuses
+Python side effects unless told they need no replay in the recompute; ours are
+idempotent (per-forward metadata caches, one-time notices), so it is told.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers (transformers' checkpointable layer class)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Compile every decoder layer of ``model`` in place; returns the layers compiled."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return layers

@@ -1,0 +1,104 @@
+"""compile_layers: the compiled decoder layers compute what the eager patched model computes, in one graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
+from peft import LoraConfig, get_peft_model
+
+from fmsaccel_aadp.attention import register_attention
+from fmsaccel_aadp.collator import collate_padding_free
+from fmsaccel_foak.spec import FOAK
+from fmsaccel_framework.plugin import PluginError, TrainContext
+
+PATH = "peft.quantization.fused_ops_and_kernels"
+KERNELS = dict(fused_lora=True, fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True,
+               fast_loss="fused_ce_liger")
+
+
+class _Trainer:
+    def __init__(self, model):
+        self.model = model
+
+
+def _plugin(**keys):
+    values = {k: v.default for k, v in FOAK.paths[PATH].items()}
+    values.update(keys)
+    return FOAK.build({PATH: values})
+
+
+def _model(compiled: bool, base_layer: str | None):
+    """Tiny Llama, LoRA (dropout 0.1) on q/k/v/o, all foak kernels, padding-free attention, checkpointing."""
+    model = quantize_decoder(tiny_model("llama"), base_layer)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ctx = TrainContext(args={"gradient_checkpointing": True})
+    plugin = _plugin(base_layer=base_layer, compile_layers=compiled, **KERNELS)
+    model = plugin.augment(model, ctx)
+    model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    plugin.prepare_trainer(_Trainer(model), ctx)
+    return model, ctx
+
+
+def _rows():
+    """Padding-free rows of different lengths and example counts (each must reuse the one graph)."""
+    g = torch.Generator().manual_seed(0)
+    for lengths in [(20, 7, 13), (9, 30), (40, 3, 8, 2)]:
+        batch = collate_padding_free([{"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()}
+                                      for n in lengths])
+        yield {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _step(model, batch):
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(3)  # LoRA dropout masks
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
+def test_compiled_layers_match_eager_in_one_graph(base_layer, monkeypatch):
+    """The compile plumbing (patched forwards, padding-free attention, checkpointing, bnb) on the CPU.
+
+    Dynamo cannot trace Triton's interpreter, so the ops take their plain-torch references
+    here; Triton kernels inside the compiled layers are exercised by the GPU benchmarks.
+    """
+    import torch._dynamo
+
+    import fmsaccel_foak.runtime
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fmsaccel_foak.runtime, "is_interpreted", lambda kernel: False)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, _ = _model(False, base_layer)
+    compiled, ctx = _model(True, base_layer)
+    assert any("torch.compile" in what and count == 2 for (_, what), count in ctx.report.entries.items())
+    for batch in _rows():
+        want_loss, want = _step(eager, batch)
+        got_loss, got = _step(compiled, batch)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
+        assert got.keys() == want.keys() and len(got) == 16
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+    stats = torch._dynamo.utils.counters["stats"]
+    # both layers and all three row shapes went through one compiled graph, without graph breaks
+    assert stats["unique_graphs"] == 1 and stats["calls_captured"] >= 2
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_compile_layers_refused_under_fsdp():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    ctx = TrainContext(args={"distributed": {"strategy": "fsdp"}})
+    with pytest.raises(PluginError, match="compile_layers is not supported under FSDP"):
+        _plugin(compile_layers=True).prepare_trainer(_Trainer(model), ctx)
