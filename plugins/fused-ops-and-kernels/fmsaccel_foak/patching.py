@@ -171,8 +171,9 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
         for layer in (*qkv, attn.o_proj):
             _lora_layer_ok(layer)
         if _fusable_group(qkv):
-            _set_forward(attn, modules.fused_attention_forward(modeling, options.keep_weights, options.fp8,
-                                                               rule.get("sliding_window"), rule.get("head_norms", False)))
+            forward = modules.fused_attention_forward(modeling, options.keep_weights, options.fp8,
+                                                      rule.get("sliding_window"), rule.get("head_norms", False))
+            _set_forward(attn, forward)
             _mark_fused(qkv)
             qkv_patched += 1
         if hasattr(attn.o_proj, "lora_A") and _fusable_group([attn.o_proj]):
