@@ -9,6 +9,7 @@ report says what was replaced.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -185,7 +186,12 @@ def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callabl
         lm_head = self.get_output_embeddings()
         targets = targets.to(hidden.device)
         mask = targets != -100
-        logp, entropy, top1 = ops.token_logprobs(hidden[mask], lm_head.weight, targets[mask], logit_scale)
+        shard = getattr(lm_head, "vocab_shard", None)  # see shard_lm_head
+        if shard is not None:
+            logp, entropy, top1 = ops.token_logprobs_vocab_parallel(hidden[mask], shard, lm_head.vocab_start,
+                                                                    targets[mask], logit_scale)
+        else:
+            logp, entropy, top1 = ops.token_logprobs(hidden[mask], lm_head.weight, targets[mask], logit_scale)
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -logp.sum() / denominator
         moe_loss = None
@@ -203,6 +209,43 @@ def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callabl
         return _causal_lm_output(loss, moe_loss, outputs)
 
     return forward
+
+
+def shard_lm_head(lm_head: nn.Linear) -> tuple[int, int, int]:
+    """Keep only this rank's rows of a frozen, untied lm_head, for the vocab-parallel loss (FSDP).
+
+    The rows become a buffer, which FSDP neither shards nor gathers; the fused loss
+    forward finds it (``vocab_shard``) and computes the loss across ranks. Anything that
+    still asks for logits (evaluation, generation) gets them through an all-gather.
+    Returns (first row, last row + 1, vocabulary size).
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    vocab = lm_head.weight.shape[0]
+    per_rank = -(-vocab // world)
+    start, stop = min(rank * per_rank, vocab), min((rank + 1) * per_rank, vocab)
+    shard = lm_head.weight.detach()[start:stop].clone()
+    del lm_head.weight
+    lm_head.register_buffer("vocab_shard", shard, persistent=False)
+    lm_head.vocab_start, lm_head.vocab_size, lm_head.per_rank = start, vocab, per_rank
+    lm_head.forward = types.MethodType(_gathered_logits_forward, lm_head)
+    return start, stop, vocab
+
+
+def _gathered_logits_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits through the full lm_head, gathered from the ranks' rows for this call (evaluation, generation).
+
+    Like FSDP's own gathering, every rank must call it together.
+    """
+    import torch.distributed as dist
+
+    shard = self.vocab_shard.new_zeros(self.per_rank, self.vocab_shard.shape[1])
+    shard[: self.vocab_shard.shape[0]] = self.vocab_shard
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, shard)
+    weight = torch.cat(parts)[: self.vocab_size]
+    return hidden @ weight.to(hidden.dtype).t()
 
 
 def _causal_lm_output(loss, moe_loss, outputs):

@@ -105,6 +105,8 @@ class FusedOpsPlugin(AccelerationPlugin):
             rules = RULES[base.config.model_type]
             lines = apply_rule(base, rules, "fast_loss", Options(fast_loss="fused_ce_liger"))
             ctx.report.add(self.name, f"{lines[0][0]} (the trainer's fused_lm_head calls)", 1)
+            if ctx.fsdp:
+                self._shard_lm_head(base, ctx)
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
         if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
@@ -112,6 +114,30 @@ class FusedOpsPlugin(AccelerationPlugin):
 
             enable_selective_checkpointing(base.base_model)
             ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
+
+    def _shard_lm_head(self, base, ctx: TrainContext) -> None:
+        """Under FSDP, split a frozen lm_head by vocabulary instead of letting FSDP gather it at the loss.
+
+        Only where every rank holds the full lm_head at this point: quantised models load on
+        every rank (a full-precision model loads on rank 0 only, the others are empty).
+        """
+        import torch.distributed as dist
+
+        from .modules import shard_lm_head
+
+        lm_head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+        why_not = ("the model is not quantised (only rank 0 holds its weights before FSDP)"
+                   if self.keys["base_layer"] not in ("bitsandbytes", "auto_gptq")
+                   else "no process group" if not (dist.is_available() and dist.is_initialized())
+                   else "the lm_head is trainable" if lm_head.weight.requires_grad
+                   else "the lm_head is tied to the input embeddings" if lm_head.weight is embed.weight
+                   else None)
+        if why_not:
+            ctx.report.note(self.name, f"FSDP: the lm_head is gathered at the loss ({why_not})")
+            return
+        start, stop, vocab = shard_lm_head(lm_head)
+        ctx.report.add(self.name, f"FSDP: lm_head split by vocabulary across {dist.get_world_size()} ranks (rows "
+                                  f"{start}-{stop} of {vocab} here), vocab-parallel loss, never gathered", 1)
 
     def _compile_layers(self, base, ctx: TrainContext) -> None:
         from .compiling import compile_decoder_layers

@@ -6,6 +6,7 @@ from .lora import fused_lora
 from .rms_norm import rms_norm
 from .rope import rope
 from .swiglu import swiglu, swiglu_packed
+from .vocab_parallel import token_logprobs_vocab_parallel
 
 __all__ = [
     "cross_entropy",
@@ -16,4 +17,5 @@ __all__ = [
     "swiglu",
     "swiglu_packed",
     "token_logprobs",
+    "token_logprobs_vocab_parallel",
 ]
