@@ -265,10 +265,11 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def varlen_attention_packed(query, key, value, packing: Packing, scaling: float | None, dropout: float):
+def varlen_attention_packed(query, key, value, packing: Packing, scaling: float | None, dropout: float,
+                            api: _VarlenApi | None = None):
     if dropout:
         raise PluginError("torch varlen attention has no dropout; set attention_dropout=0")
-    api = _varlen_api()
+    api = api or _varlen_api()
     q, k, v = (_tokens_heads_dim(t) for t in (query, key, value))
     extra = dict(api.causal)
     if _gqa(query, key):
@@ -359,6 +360,10 @@ def make_attention_forward(backend: str, strict: bool = True) -> Callable:
     with a one-time warning; ``strict=True`` makes that an error.
     """
     packed_fn = PACKED_BACKENDS[backend]
+    if backend == "varlen" and backend_unavailable_reason("varlen", "cuda") is None:
+        # resolved here, eagerly: inside a compiled layer (foak's compile_layers) the signature inspection it
+        # does would be traced on every compilation
+        packed_fn = functools.partial(varlen_attention_packed, api=_varlen_api())
     warned: set[str] = set()
 
     def padding_free_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -375,7 +380,10 @@ def make_attention_forward(backend: str, strict: bool = True) -> Callable:
             raise PluginError(f"an example of {packing.max_length} tokens exceeds the sliding window "
                                       f"({window}); padding-free attention has no sliding-window support")
         fn = packed_fn
-        reason = backend_unavailable_reason(backend, query.device.type, query.dtype, training=torch.is_grad_enabled())
+        # (not asked inside a compiled layer: importlib's checks cannot be traced, and the plugin chose the
+        # backend for this device and dtype before compiling)
+        reason = None if torch.compiler.is_compiling() else backend_unavailable_reason(
+            backend, query.device.type, query.dtype, training=torch.is_grad_enabled())
         if reason is not None:
             if strict:
                 raise PluginError(f"padding-free backend '{backend}' cannot serve this call: {reason}")

@@ -18,6 +18,7 @@ idempotent (per-forward metadata caches, one-time notices), so it is told.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -32,6 +33,10 @@ def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Compile every decoder layer of ``model`` in place; returns the layers compiled."""
     import torch._dynamo
 
+    from .ops.rms_norm import sm_count
+
+    if torch.cuda.is_available():
+        sm_count(torch.device("cuda"))  # asked now, eagerly: device queries are not traced
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model)

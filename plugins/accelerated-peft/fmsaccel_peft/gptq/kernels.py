@@ -34,7 +34,7 @@ BACKENDS = ("auto", "fused", "dequant", "torch")
 
 
 def _interpreting() -> bool:
-    return is_interpreted(_dequantize_kernel)  # decorated with the module, so it knows how Triton runs them
+    return _INTERPRETING
 
 
 # Set to a config dict (e.g. by a GPU correctness check) to launch without autotuning: every new
@@ -166,6 +166,9 @@ _fused_grad_input_tuned = triton.autotune(_grad_input_configs(), key=_TUNE_KEY)(
 _dequantize_tuned = triton.autotune(_dequantize_configs(), key=["N", "K", "GROUP_SIZE", "HAS_G_IDX"])(
     _dequantize_kernel
 )
+# Triton picks the interpreter when a kernel is decorated, so this is known at import; a constant (not a check at
+# each launch) also keeps torch.compile from tracing into the kernel object (foak's compile_layers)
+_INTERPRETING = is_interpreted(_dequantize_kernel)
 # the interpreter (CPU tests) runs one small config; autotuning there would only cost time
 _INTERPRET_MATMUL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 _INTERPRET_DEQUANT = {"BLOCK_K": 32, "BLOCK_N": 32}

@@ -69,12 +69,23 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (remembered: compiled code reads it without asking CUDA)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
 def _programs(n_rows: int, block_m: int, device: torch.device) -> int:
     """Backward programs: enough to fill the GPU, each summing its own slice of the weight gradient."""
     blocks = triton.cdiv(n_rows, block_m)
     if device.type != "cuda":
         return 1
-    return min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(blocks, 4 * sm_count(device))
 
 
 class _RMSNorm(torch.autograd.Function):
