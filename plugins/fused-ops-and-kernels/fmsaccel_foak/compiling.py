@@ -18,7 +18,6 @@ idempotent (per-forward metadata caches, one-time notices), so it is told.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
