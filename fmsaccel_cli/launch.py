@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def stream(cmd: list[str]) -> int:
     traceback from inside torch.distributed) is dropped: the user already has the line
     that says what to fix.
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FMSACCEL_LAUNCHED_AT": repr(time.time())}  # startup phase
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     child = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
 

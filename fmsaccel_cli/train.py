@@ -86,10 +86,18 @@ def build_lora_config(args: dict[str, Any]):
 
 
 class _Phases:
-    """Wall-clock seconds of each phase of a run, in order."""
+    """Wall-clock seconds of each phase of a run, in order.
+
+    ``startup`` is the time from ``fmsaccel run`` starting torchrun (``FMSACCEL_LAUNCHED_AT``)
+    to this process reaching its first phase: torchrun, interpreter start, importing torch,
+    transformers and TRL, CUDA initialisation.
+    """
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        launched = os.environ.get("FMSACCEL_LAUNCHED_AT")
+        if launched:
+            self.seconds["startup"] = round(max(0.0, time.time() - float(launched)), 2)
         self._last = time.perf_counter()
 
     def mark(self, name: str) -> None:
