@@ -13,7 +13,9 @@ A recipe (or ``--set distributed.strategy=fsdp``) picks how ``--nproc-per-node N
 - **ddp**: every rank holds the whole model; gradients are all-reduced. ``ddp_find_unused_parameters``
   is turned off (LoRA and dense models use every trainable parameter each step; the unused-parameter
   search costs a graph walk per step), except for mixture-of-experts models, where a step may route no
-  token to an expert.
+  token to an expert. ``ddp_broadcast_buffers`` is turned off: DDP would otherwise copy rank 0's buffers
+  to every rank before each forward, and GPTQ's packed 4-bit weights are buffers (4.5 GB for an 8B
+  model, each micro-step); a causal LM's other buffers (rotary frequencies) never change.
 - **fsdp**: FSDP2 through transformers/accelerate. Every decoder layer is its own shard unit (the class
   comes from the model's ``_no_split_modules``, read from its config without loading weights); mixed
   precision follows ``torch_dtype``; an adapter is saved from a full state dict, i.e. a normal PEFT
@@ -222,6 +224,7 @@ def apply_to_sft_config(kwargs: dict[str, Any], args: dict[str, Any]) -> None:
     if not dist.fsdp:
         if "ddp_find_unused_parameters" not in kwargs and config is not None and not _is_moe(config):
             kwargs["ddp_find_unused_parameters"] = False
+        kwargs.setdefault("ddp_broadcast_buffers", False)  # frozen buffers (GPTQ weights): no copy per forward
         return
     checkpointing = dist.activation_checkpointing
     if checkpointing is None:
@@ -263,7 +266,8 @@ def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
         if world > 1:
             ctx.report.note("distributed", f"DDP over {world} processes"
                             + (", find_unused_parameters off" if sft_config.ddp_find_unused_parameters is False
-                               else ""))
+                               else "")
+                            + (", buffers not broadcast" if sft_config.ddp_broadcast_buffers is False else ""))
         return
     plugin_args = sft_config.fsdp_plugin_args or {}
     if loader_name is not None and plugin_args.get("cpu_ram_efficient_loading"):

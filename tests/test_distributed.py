@@ -87,6 +87,12 @@ def test_ddp_skips_the_unused_parameter_search_except_for_moe():
     assert not _sft_config().fsdp
 
 
+def test_ddp_does_not_broadcast_frozen_buffers_each_step():
+    """GPTQ's packed weights are buffers: DDP's default would copy them from rank 0 before every forward."""
+    assert _sft_config().ddp_broadcast_buffers is False
+    assert _sft_config("ddp_broadcast_buffers=true").ddp_broadcast_buffers is True  # the user's choice
+
+
 # ---------------------------------------------------------------------------------------------- launch checks
 
 
