@@ -18,4 +18,8 @@ if [ -n "${VARIANT_RECIPES:-}" ]; then
     --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD-variant --timeout ${VARIANT_CELL_TIMEOUT:-140} \
     --set "${VARIANT_SET:-plugins.training.attention.padding_free.backend=flex}" 2>&1 | grep -vE "^\s*$" | tail -5
   cp /tmp/bench-$WORKLOAD-variant/results.csv $OUT/results-$WORKLOAD-variant.csv 2>/dev/null
+  # the variant's cell logs too (a cell that dies before its first step leaves no row, only its log)
+  for f in $(find /tmp/bench-$WORKLOAD-variant -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done \
+    > $OUT/logs-$WORKLOAD-variant.txt
 fi
+true  # the missing results of a cut matrix are not the script's failure
