@@ -238,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     except (PluginError, data.DataError, recipes.RecipeError, FileNotFoundError) as e:
         print(f"[fmsaccel] error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before exit (left to interpreter shutdown, NCCL warns and may linger)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
