@@ -276,10 +276,15 @@ def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
         ctx.report.note("distributed", f"FSDP: {loader_name} loads its 4-bit checkpoint on every rank "
                                        "(cpu_ram_efficient_loading applies to full-precision models)")
+    # accelerate's default policy reduces gradients in the parameter dtype (bf16): averaged in fp32 instead, as in
+    # torchtune (LoRA's gradients are small; full fine-tuning pays twice the reduce-scatter volume for it)
+    plugin_args.setdefault("mixed_precision_policy", {"param_dtype": ctx.torch_dtype, "reduce_dtype": torch.float32,
+                                                      "output_dtype": ctx.torch_dtype})
     layers = ", ".join(sft_config.fsdp_config.get("transformer_layer_cls_to_wrap") or ["the model's _no_split_modules"])
     ctx.report.note("distributed", f"FSDP2 over {world} processes: {dist.sharding}, one shard unit per {layers}, "
                                    f"{'params offloaded to CPU, ' if dist.offload_params else ''}"
-                                   f"mixed precision {str(ctx.torch_dtype).removeprefix('torch.')}")
+                                   f"mixed precision {str(ctx.torch_dtype).removeprefix('torch.')} "
+                                   "(gradients reduced in float32)")
     if plugin_args.get("activation_checkpointing"):
         ctx.report.note("distributed", "FSDP activation checkpointing per decoder layer (replaces transformers' "
                                        "gradient checkpointing; foak's selective checkpointing does not apply)")

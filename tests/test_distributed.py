@@ -70,6 +70,25 @@ def test_fsdp_config_wraps_decoder_layers_and_moves_checkpointing_to_fsdp():
     assert plugin["activation_checkpointing"] is True and not config.gradient_checkpointing  # checkpoint once
 
 
+def test_fsdp_reduces_gradients_in_fp32():
+    """accelerate's default policy would average gradients in bf16; the policy it builds keeps fp32 for that."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from fmsaccel_cli.train import build_sft_config
+    from fmsaccel_framework.plugin import TrainContext
+
+    resolved = recipes.resolve("accelerated-peft-bnb", sets=["distributed.strategy=fsdp"])
+    config = build_sft_config(resolved.args)
+    ctx = TrainContext(args=resolved.args, torch_dtype=torch.bfloat16)
+    distributed.before_model_load(config, ctx, None)
+    plugin = FullyShardedDataParallelPlugin(**config.fsdp_plugin_args)
+    plugin.set_mixed_precision("bf16")  # what accelerate's state does next: it must keep ours
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert any("gradients reduced in float32" in note for _, note in ctx.report.notes)
+
+
 def test_fsdp_options_reach_accelerate():
     config = _sft_config("distributed.strategy=fsdp", "distributed.fsdp.sharding=shard_grad_op",
                          "distributed.fsdp.offload_params=true", "distributed.fsdp.activation_checkpointing=false",
