@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from fmsaccel_framework.plugin import AccelerationFramework, PluginError, TrainContext
 
-from . import data, distributed, models, recipes
+from . import data, distributed, memory, models, recipes
 
 PROGRESS_TAG = "FMSACCEL_PROGRESS"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": torch.bfloat16}
@@ -135,6 +135,7 @@ class RunMetrics(TrainerCallback):
         self.step_losses: list[torch.Tensor] = []  # one per optimiser step
         self.micro_loss: torch.Tensor | None = None  # this step's micro-batches so far
         self.stop_requested = False
+        self.memory_baseline: int | None = None  # FMSACCEL_MEMORY: bytes allocated when recording began
 
     def count_tokens(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -164,6 +165,9 @@ class RunMetrics(TrainerCallback):
             self.warmup_steps = max(steps - 1, 0)
         if self.warmup_steps == 0:
             self._mark_warmup_end()
+        # FMSACCEL_MEMORY=1: record allocations through the warm-up steps, report what is alive at their peak
+        if os.environ.get("FMSACCEL_MEMORY") and torch.cuda.is_available() and self.warmup_steps > 0:
+            self.memory_baseline = memory.start_recording()
 
     def _mark_warmup_end(self) -> None:
         self._sync()
@@ -193,6 +197,11 @@ class RunMetrics(TrainerCallback):
         done = state.global_step - self.first_step
         if getattr(self, "profiler", None) is not None and done == self.warmup_steps:
             self._write_profile(args.output_dir)
+        if done == self.warmup_steps and self.memory_baseline is not None:
+            report = memory.stop_and_report(self.memory_baseline)
+            if is_main_process():
+                Path(args.output_dir, "memory_peak.txt").write_text(report + "\n")
+                print(report, flush=True)
         if done == self.warmup_steps and self.warmup_steps > 0:
             self._mark_warmup_end()
         if self.stop_requested:

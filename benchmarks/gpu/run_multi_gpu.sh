@@ -10,7 +10,8 @@
 # Env: KINDS="qlora gptq" (a subset to split the work over two calls), SETUPS="ddp fsdp b8" (the 2-GPU setups and
 # the one-pass batch-8 reference to run; the 1-GPU reference always runs), STEPS=12, WARMUP=4, BUDGET_S=510 (runs that
 # would start later are skipped and reported, so a slow machine still returns what it measured), HF_GC=1 adds an
-# FSDP run that keeps transformers' gradient checkpointing (activation_checkpointing: false) for comparison.
+# FSDP run that keeps transformers' gradient checkpointing (activation_checkpointing: false) for comparison;
+# FMSACCEL_MEMORY=1 adds each run's allocations alive at its peak memory to log_tails.txt.
 set -u
 START=$(date +%s)
 OUT=${OUT:-${1:-/tmp/multi-gpu-out}}
@@ -94,8 +95,11 @@ for log in sorted(runs.glob("*.log")):
     row = {"run": name, "kind": kind, "setup": setup}
     metrics_file = run_dir / "metrics.json"
     tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-60:]
+    peak = run_dir / "memory_peak.txt"  # FMSACCEL_MEMORY=1: what is alive at the peak
     with open(out / "log_tails.txt", "a") as f:  # one file: the device tool returns a few files only
         f.write(f"=== {name}\n" + "\n".join(tail) + "\n")
+        if peak.exists():
+            f.write(f"--- {name} memory at the peak\n{peak.read_text()}")
     if not metrics_file.exists():
         errors = [ln for ln in tail if "error" in ln.lower() and "ChildFailedError" not in ln]
         error = next((ln for ln in errors if "[fmsaccel] error" in ln), errors[0] if errors else
