@@ -23,7 +23,9 @@ def check(rank: int, world: int, port: int) -> None:
 def _check(rank: int) -> None:
     from fmsaccel_foak import reference
     from fmsaccel_foak.modules import shard_lm_head
-    from fmsaccel_foak.ops import token_logprobs_vocab_parallel
+    from fmsaccel_foak.ops import token_logprobs_vocab_parallel, vocab_parallel
+
+    vocab_parallel.CHUNK_ROWS = 4  # several chunks, the last one short
 
     torch.manual_seed(0)  # the same lm_head on every rank
     lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 256  # fp32 tiles of 256 x (vocab / ranks): 63 MiB each for Llama 3 on 2 ranks, two at a time
 
 
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -61,12 +61,13 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             end = min(start + CHUNK_ROWS, h_all.shape[0])
             z = _shard_logits(h_all[start:end], shard, logit_scale)
             z_max = z.max(dim=1).values
-            lse = z_max + (z - z_max[:, None]).exp_().sum(dim=1).log_()
-            p = (z - lse[:, None]).exp_()
-            stats[0, start:end] = lse
-            stats[1, start:end] = lse - (p * z).sum(dim=1)  # this shard's entropy
             stats[2, start:end] = z_max
             stats[3, start:end] = z.gather(1, local_t[start:end])[:, 0] * in_shard[start:end]
+            e = (z - z_max[:, None]).exp_()  # two fp32 tiles at most: z and e
+            total = e.sum(dim=1)
+            stats[0, start:end] = z_max + total.log()
+            stats[1, start:end] = stats[0, start:end] - e.mul_(z).sum(dim=1) / total  # this shard's entropy
+            del z, e
         every = _all_gather(stats, group)
         shard_lse = every[:, 0]
         lse = torch.logsumexp(shard_lse, dim=0)
@@ -85,7 +86,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         dist.all_reduce(dh_all, group=group)  # (a reduce-scatter would do; gloo has none for these shapes)
 
         mine = slice(rank * rows, rank * rows + hidden.shape[0])
-        dh = dh_all[mine]
+        dh = dh_all[mine].clone()  # not a view: the other ranks' rows are freed
         logp = (z_target - lse)[mine]
         top1 = (z_target >= every[:, 2].max(dim=0).values)[mine]
         ctx.save_for_backward(dh)
