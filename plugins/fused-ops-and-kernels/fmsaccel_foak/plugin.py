@@ -66,7 +66,9 @@ class FusedOpsPlugin(AccelerationPlugin):
             model = self._with_lora(model, ctx)
             self._check_base_layer(model)
         base = unwrap_peft(model)
-        options = Options(keep_weights=bool(ctx.args.get("gradient_checkpointing")),
+        # under checkpointing the recompute's dequantised weights serve the backward (one layer's worth, ~0.3 GiB at
+        # 8B); FSDP runs are there for memory, so they dequantise again instead
+        options = Options(keep_weights=bool(ctx.args.get("gradient_checkpointing")) and not ctx.fsdp,
                           fast_swiglu=bool(self.keys["fast_swiglu"]), fast_loss=self.keys["fast_loss"],
                           fp8=bool(self.keys["fp8_matmul"]))
         if options.fp8:

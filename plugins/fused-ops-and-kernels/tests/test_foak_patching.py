@@ -261,3 +261,24 @@ def test_forwards_replaced_by_a_later_plugin_are_reported():
     notes = " ".join(note for _, note in ctx.report.notes)
     assert "1 modules patched by foak (MixtralRMSNorm, ...) got another forward" in notes
     assert "1 MixtralExperts modules got another forward after foak" in notes
+
+
+@pytest.mark.parametrize("distributed, kept",
+                         [(None, True), ({"strategy": "ddp"}, True), ({"strategy": "fsdp"}, False)])
+def test_dequantised_weights_kept_for_the_backward_except_under_fsdp(monkeypatch, distributed, kept):
+    """Under checkpointing the recompute's weights serve the backward; FSDP runs dequantise again (memory)."""
+    from fmsaccel_foak import modules
+
+    seen = []
+    for name in ("fused_attention_forward", "fused_mlp_forward"):
+        original = getattr(modules, name)
+
+        def spy(*args, _original=original, _position=int(name == "fused_attention_forward"), **kwargs):
+            seen.append(args[_position])  # keep_weights (the attention's comes after its modeling module)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(modules, name, spy)
+    model = _lora(tiny_model("llama"), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+    args = {"gradient_checkpointing": True, **({"distributed": distributed} if distributed else {})}
+    build(fused_lora=True).augment(model, TrainContext(args=args))
+    assert seen and set(seen) == {kept}
