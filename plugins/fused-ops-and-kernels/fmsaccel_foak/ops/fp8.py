@@ -114,9 +114,6 @@ def linear(x: QuantizedInput, w: torch.Tensor, out_dtype: torch.dtype) -> torch.
 
 
 def input_grad(dy: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``dy @ w`` (``dy`` ``[M, N]``, ``w`` ``[N, K]``): ``w`` quantised per input channel from its transpose."""
-    rows = dy.shape[0]
-    dyq, dy_scale = quantize_rows(_pad_rows(dy))
-    wtq, wt_scale = quantize_rows(w.t().contiguous())  # [K, N]: one scale per input channel
-    dx = torch._scaled_mm(dyq, wtq.t(), scale_a=dy_scale, scale_b=wt_scale.t(), out_dtype=out_dtype)
-    return dx[:rows]
+    """``dy @ w`` (``dy`` ``[M, N]``, ``w`` ``[N, K]``): :func:`linear` against ``w``'s transpose ``[K, N]``, whose
+    rows are the input channels, so each gets its own scale (none varies along the summed dimension)."""
+    return linear(QuantizedInput(dy), w.t().contiguous(), out_dtype)
