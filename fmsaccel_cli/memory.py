@@ -30,17 +30,14 @@ def peak_report(events: Iterable[dict], baseline: int, top: int = 15, depth: int
     grouped by allocating stack.
     """
     events = list(events)
-    live: dict[int, int] = {}
     total = peak = baseline
     peak_at = -1
     for i, ev in enumerate(events):
         if ev["action"] == "alloc":
-            live[ev["addr"]] = i
             total += ev["size"]
             if total > peak:
                 peak, peak_at = total, i
-        elif ev["action"] == "free_completed" and ev["addr"] in live:
-            del live[ev["addr"]]
+        elif ev["action"] == "free_completed":  # blocks of the baseline too: they leave the total when freed
             total -= ev["size"]
     alive: dict[int, int] = {}  # addr -> index of its alloc event, at the peak
     for ev_index, ev in enumerate(events[: peak_at + 1]):

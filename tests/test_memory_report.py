@@ -41,3 +41,10 @@ def test_blocks_from_the_same_code_are_summed_largest_first():
     assert lines[0].startswith("peak 2.50 GiB at event 6 of 7")
     assert "1.500 GiB in     6 blocks  small.py:1 small" in lines[1]
     assert "1.000 GiB in     1 blocks  big.py:1 big" in lines[2]
+
+
+def test_freeing_a_block_allocated_before_recording_lowers_the_total():
+    """The baseline's blocks (allocated before the history began) count out when they are freed."""
+    events = [_alloc(1, GIB, "first"), _free(99, 2 * GIB), _alloc(2, 2 * GIB, "second")]
+    lines = peak_report(events, baseline=2 * GIB).splitlines()
+    assert lines[0].startswith("peak 3.00 GiB at event 0 of 3")  # 2 + 1, then 1 + 2 after the 2 GiB free
