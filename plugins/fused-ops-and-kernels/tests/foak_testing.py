@@ -80,3 +80,12 @@ def quantize_decoder(model: nn.Module, base_layer: str | None) -> nn.Module:
             if name in DECODER_LINEARS and type(child) is nn.Linear:
                 setattr(parent, name, convert(child))
     return model
+
+
+def build_plugin(path: str = "training.fused_ops_and_kernels", **keys):
+    """The foak plugin configured under ``path`` with ``keys`` over the spec's defaults."""
+    from fmsaccel_foak.spec import FOAK
+
+    values = {k: v.default for k, v in FOAK.paths[path].items()}
+    values.update(keys)
+    return FOAK.build({path: values})

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
+from foak_testing import DEVICE, VOCAB, build_plugin, quantize_decoder, tiny_model
 from peft import LoraConfig, get_peft_model
 
 from fmsaccel_aadp.attention import register_attention
 from fmsaccel_aadp.collator import collate_padding_free
-from fmsaccel_foak.spec import FOAK
 from fmsaccel_framework.plugin import PluginError, TrainContext
 
 PATH = "peft.quantization.fused_ops_and_kernels"
@@ -22,12 +21,6 @@ class _Trainer:
         self.model = model
 
 
-def _plugin(**keys):
-    values = {k: v.default for k, v in FOAK.paths[PATH].items()}
-    values.update(keys)
-    return FOAK.build({PATH: values})
-
-
 def _model(compiled: bool, base_layer: str | None):
     """Tiny Llama, LoRA (dropout 0.1) on q/k/v/o, all foak kernels, padding-free attention, checkpointing."""
     model = quantize_decoder(tiny_model("llama"), base_layer)
@@ -38,7 +31,7 @@ def _model(compiled: bool, base_layer: str | None):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = _plugin(base_layer=base_layer, compile_layers=compiled, **KERNELS)
+    plugin = build_plugin(PATH, base_layer=base_layer, compile_layers=compiled, **KERNELS)
     model = plugin.augment(model, ctx)
     model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
     model.gradient_checkpointing_enable()
@@ -101,4 +94,4 @@ def test_compile_layers_refused_under_fsdp():
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
     ctx = TrainContext(args={"distributed": {"strategy": "fsdp"}})
     with pytest.raises(PluginError, match="compile_layers is not supported under FSDP"):
-        _plugin(compile_layers=True).prepare_trainer(_Trainer(model), ctx)
+        build_plugin(PATH, compile_layers=True).prepare_trainer(_Trainer(model), ctx)

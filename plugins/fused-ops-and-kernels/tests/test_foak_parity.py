@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
+from foak_testing import DEVICE, VOCAB, build_plugin, quantize_decoder, tiny_model
 from peft import LoraConfig, get_peft_model
 
-from fmsaccel_foak.spec import FOAK
 from fmsaccel_framework.plugin import TrainContext
 
 STEPS = 50
@@ -38,10 +37,9 @@ def _train(base_layer: str | None, foak: bool, fp8: bool = False) -> tuple[list[
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=targets))
     if foak:
-        keys = {k: v.default for k, v in FOAK.paths[PATH].items()}
-        keys.update(base_layer=base_layer, fused_lora=True, fast_loss="fused_ce_liger", fast_rms_layernorm=True,
-                    fast_rope_embeddings=True, fast_swiglu=True, fp8_matmul=fp8)
-        model = FOAK.build({PATH: keys}).augment(model, TrainContext(args={}))
+        plugin = build_plugin(PATH, base_layer=base_layer, fused_lora=True, fast_loss="fused_ce_liger",
+                              fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True, fp8_matmul=fp8)
+        model = plugin.augment(model, TrainContext(args={}))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     torch.manual_seed(42)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from foak_testing import DEVICE, VOCAB, quantize_decoder, tiny_model
+from foak_testing import build_plugin as build
 from peft import LoraConfig, get_peft_model
 
 from fmsaccel_foak import ops
@@ -15,12 +16,6 @@ PATH = "training.fused_ops_and_kernels"
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "granite"]
 MOE = ["mixtral", "granitemoe"]
 ALL_KERNELS = dict(fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True, fast_loss="fused_ce_liger")
-
-
-def build(path: str = PATH, **keys):
-    values = {k: v.default for k, v in FOAK.paths[path].items()}
-    values.update(keys)
-    return FOAK.build({path: values})
 
 
 @pytest.fixture
