@@ -211,6 +211,17 @@ def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callabl
     return forward
 
 
+def _this_ranks_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """This rank's block of vocabulary rows (a copy), its first row, and rows per rank (the last may be short)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    vocab = weight.shape[0]
+    per_rank = -(-vocab // world)
+    start, stop = min(rank * per_rank, vocab), min((rank + 1) * per_rank, vocab)
+    return weight.detach()[start:stop].clone(), start, per_rank
+
+
 def shard_lm_head(lm_head: nn.Linear) -> tuple[int, int, int]:
     """Keep only this rank's rows of a frozen, untied lm_head, for the vocab-parallel loss (FSDP).
 
@@ -219,18 +230,55 @@ def shard_lm_head(lm_head: nn.Linear) -> tuple[int, int, int]:
     still asks for logits (evaluation, generation) gets them through an all-gather.
     Returns (first row, last row + 1, vocabulary size).
     """
-    import torch.distributed as dist
-
-    world, rank = dist.get_world_size(), dist.get_rank()
     vocab = lm_head.weight.shape[0]
-    per_rank = -(-vocab // world)
-    start, stop = min(rank * per_rank, vocab), min((rank + 1) * per_rank, vocab)
-    shard = lm_head.weight.detach()[start:stop].clone()
+    shard, start, per_rank = _this_ranks_rows(lm_head.weight)
     del lm_head.weight
     lm_head.register_buffer("vocab_shard", shard, persistent=False)
     lm_head.vocab_start, lm_head.vocab_size, lm_head.per_rank = start, vocab, per_rank
     lm_head.forward = types.MethodType(_gathered_logits_forward, lm_head)
-    return start, stop, vocab
+    return start, start + shard.shape[0], vocab
+
+
+def shard_embedding(embed: nn.Embedding) -> tuple[int, int, int]:
+    """Keep only this rank's rows of a frozen input embedding (FSDP); each lookup sums the ranks' rows.
+
+    Under FSDP the embedding sits in the root shard unit, which stays gathered from the
+    first forward to the end of the backward: the full table on every rank for the whole
+    step. Split by vocabulary instead, a lookup costs one all-reduce of the hidden states.
+    Returns (first row, last row + 1, vocabulary size).
+    """
+    vocab = embed.weight.shape[0]
+    shard, start, _ = _this_ranks_rows(embed.weight)
+    del embed.weight
+    embed.register_buffer("vocab_shard", shard, persistent=False)
+    embed.vocab_start = start
+    embed.forward = types.MethodType(_vocab_parallel_embedding_forward, embed)
+    return start, start + shard.shape[0], vocab
+
+
+def _vocab_parallel_embedding_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    """Every rank's ids are looked up in every rank's rows (zeros for rows held elsewhere) and summed.
+
+    Ranks train on different batches, so the ids are gathered first (padded to the longest);
+    exactly one rank contributes each row, so the sum is exact in any dtype.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    flat = input_ids.reshape(-1)
+    counts = [flat.new_zeros(1) for _ in range(world)]
+    dist.all_gather(counts, flat.new_tensor([flat.numel()]))
+    longest = int(max(counts).item())
+    padded = flat.new_zeros(longest)
+    padded[: flat.numel()] = flat
+    every = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(every, padded)
+    local = torch.stack(every) - self.vocab_start
+    inside = (local >= 0) & (local < self.vocab_shard.shape[0])
+    rows = nn.functional.embedding(torch.where(inside, local, 0), self.vocab_shard)
+    rows = rows * inside.unsqueeze(-1).to(rows.dtype)
+    dist.all_reduce(rows)
+    return rows[rank, : flat.numel()].reshape(*input_ids.shape, -1)
 
 
 def _gathered_logits_forward(self, hidden: torch.Tensor) -> torch.Tensor:

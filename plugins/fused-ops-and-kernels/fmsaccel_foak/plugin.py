@@ -108,7 +108,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             lines = apply_rule(base, rules, "fast_loss", Options(fast_loss="fused_ce_liger"))
             ctx.report.add(self.name, f"{lines[0][0]} (the trainer's fused_lm_head calls)", 1)
             if ctx.fsdp:
-                self._shard_lm_head(base, ctx)
+                self._shard_vocabulary(base, ctx)
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
         if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
@@ -117,29 +117,43 @@ class FusedOpsPlugin(AccelerationPlugin):
             enable_selective_checkpointing(base.base_model)
             ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
 
-    def _shard_lm_head(self, base, ctx: TrainContext) -> None:
-        """Under FSDP, split a frozen lm_head by vocabulary instead of letting FSDP gather it at the loss.
+    def _shard_vocabulary(self, base, ctx: TrainContext) -> None:
+        """Under FSDP, split a frozen lm_head and input embedding by vocabulary instead of letting FSDP gather them.
 
-        Only where every rank holds the full lm_head at this point: quantised models load on
-        every rank (a full-precision model loads on rank 0 only, the others are empty).
+        The gathered lm_head would be needed at the loss, the gathered embedding (in the root shard
+        unit) stays on every rank for the whole step: about 1 GiB each at llama3-8b. Only where every
+        rank holds the full tables at this point: quantised models load on every rank (a full-precision
+        model loads on rank 0 only, the others are empty).
         """
         import torch.distributed as dist
+        from torch import nn
 
-        from .modules import shard_lm_head
+        from .modules import shard_embedding, shard_lm_head
 
         lm_head, embed = base.get_output_embeddings(), base.get_input_embeddings()
-        why_not = ("the model is not quantised (only rank 0 holds its weights before FSDP)"
-                   if self.keys["base_layer"] not in ("bitsandbytes", "auto_gptq")
-                   else "no process group" if not (dist.is_available() and dist.is_initialized())
-                   else "the lm_head is trainable" if lm_head.weight.requires_grad
-                   else "the lm_head is tied to the input embeddings" if lm_head.weight is embed.weight
-                   else None)
+        common = ("the model is not quantised (only rank 0 holds its weights before FSDP)"
+                  if self.keys["base_layer"] not in ("bitsandbytes", "auto_gptq")
+                  else "no process group" if not (dist.is_available() and dist.is_initialized())
+                  else "they are tied" if lm_head.weight is embed.weight
+                  else None)
+        world = dist.get_world_size() if common is None else 1
+        why_not = common or ("the lm_head is trainable" if lm_head.weight.requires_grad else None)
         if why_not:
             ctx.report.note(self.name, f"FSDP: the lm_head is gathered at the loss ({why_not})")
-            return
-        start, stop, vocab = shard_lm_head(lm_head)
-        ctx.report.add(self.name, f"FSDP: lm_head split by vocabulary across {dist.get_world_size()} ranks (rows "
-                                  f"{start}-{stop} of {vocab} here), vocab-parallel loss, never gathered", 1)
+        else:
+            start, stop, vocab = shard_lm_head(lm_head)
+            ctx.report.add(self.name, f"FSDP: lm_head split by vocabulary across {world} ranks (rows "
+                                      f"{start}-{stop} of {vocab} here), vocab-parallel loss, never gathered", 1)
+        why_not = common or ("the embeddings are trainable" if embed.weight.requires_grad
+                             else f"{type(embed).__name__} is not a plain nn.Embedding"
+                             if type(embed) is not nn.Embedding
+                             else None)
+        if why_not:
+            ctx.report.note(self.name, f"FSDP: the input embeddings are gathered for each step ({why_not})")
+        else:
+            start, stop, vocab = shard_embedding(embed)
+            ctx.report.add(self.name, f"FSDP: input embeddings split by vocabulary across {world} ranks (rows "
+                                      f"{start}-{stop} of {vocab} here), one all-reduce per lookup", 1)
 
     def _compile_layers(self, base, ctx: TrainContext) -> None:
         from .compiling import compile_decoder_layers

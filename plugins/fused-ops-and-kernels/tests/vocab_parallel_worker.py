@@ -22,7 +22,7 @@ def check(rank: int, world: int, port: int) -> None:
 
 def _check(rank: int) -> None:
     from fmsaccel_foak import reference
-    from fmsaccel_foak.modules import shard_lm_head
+    from fmsaccel_foak.modules import shard_embedding, shard_lm_head
     from fmsaccel_foak.ops import token_logprobs_vocab_parallel, vocab_parallel
 
     vocab_parallel.CHUNK_ROWS = 4  # several chunks, the last one short
@@ -54,3 +54,11 @@ def _check(rank: int) -> None:
 
     logits = lm_head(hidden.float())  # evaluation path: gathered full logits
     torch.testing.assert_close(logits, hidden.float() @ weight.t(), rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(2)  # the same embedding on every rank; each rank its own ids (ends, the split, counts)
+    embed = nn.Embedding(VOCAB, HIDDEN)
+    table = embed.weight.detach().clone()
+    ids = torch.tensor([[0, VOCAB - 1, 26, 27, 5], [52, 1, 30, 0, 0]]) if rank == 0 else torch.tensor([[26, 52, 3]])
+    start, stop, vocab = shard_embedding(embed)
+    assert vocab == VOCAB and stop - start == embed.vocab_shard.shape[0] and not hasattr(embed, "weight")
+    assert torch.equal(embed(ids), table[ids]), "vocab-parallel lookup"
