@@ -64,7 +64,9 @@ def start_recording() -> int:
     """Start the allocator history; returns the bytes already allocated (the baseline)."""
     import torch
 
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    # stacks of allocations only: capturing one at a free, which can happen while an exception unwinds, made
+    # autograd functions fail on the H100 ("returned NULL without setting an exception"); the report needs none
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="alloc", stacks="python")
     return torch.cuda.memory_allocated()
 
 
