@@ -86,6 +86,7 @@ class _FusedLoRA(torch.autograd.Function):
             else:
                 y = F.linear(x2, w, bias)
             kept.append(w if keep_weights or not is_quantized(proj.base) else None)
+            del w  # else it stays alive while the next projection's weight is dequantised (117 MiB at 8B's MLP)
             if proj.has_lora:
                 a, b = next(weights).to(dtype), next(weights).to(dtype)
                 mask = dropout_mask(x2, proj.dropout) if proj.dropout else None
@@ -129,6 +130,7 @@ class _FusedLoRA(torch.autograd.Function):
                     dx = part if dx is None else dx.add_(part)
                 else:
                     dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            w = None  # a dequantised copy is freed before the next one is made
             if not proj.has_lora:
                 continue
             a, b = a_param.to(dtype), b_param.to(dtype)
