@@ -28,6 +28,20 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def skip_reason(model: nn.Module, fsdp: bool) -> str | None:
+    """Why the layers of ``model`` stay eager under ``compile_layers`` (None: compile them).
+
+    FSDP puts its sharding hooks on the decoder layers; on the CPU there is no launch overhead
+    to remove, and Dynamo cannot trace Triton's interpreter.
+    """
+    if fsdp:
+        return "not under FSDP, whose sharding hooks sit on the decoder layers"
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return f"the model is on {device.type}, not a CUDA GPU; compiling pays only where kernel launches do"
+    return None
+
+
 def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Compile every decoder layer of ``model`` in place; returns the layers compiled."""
     import torch._dynamo

@@ -156,14 +156,16 @@ class FusedOpsPlugin(AccelerationPlugin):
                                       f"{start}-{stop} of {vocab} here), one all-reduce per lookup", 1)
 
     def _compile_layers(self, base, ctx: TrainContext) -> None:
-        from .compiling import compile_decoder_layers
+        from .compiling import compile_decoder_layers, skip_reason
 
-        if ctx.fsdp:
-            raise PluginError("compile_layers is not supported under FSDP (its sharding hooks sit on the decoder "
-                              "layers); use DDP, or set compile_layers: false")
         if self.keys["selective_checkpointing"]:
             raise PluginError("compile_layers and selective_checkpointing cannot be combined (the selective "
                               "policy dispatches every op in Python); choose one")
+        why_not = skip_reason(base, ctx.fsdp)
+        if why_not:  # the padding-free foak recipes ask for it; an FSDP or CPU run of them still trains, eagerly
+            logger.warning("compile_layers: the decoder layers stay eager (%s)", why_not)
+            ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
+            return
         layers = compile_decoder_layers(base)
         if not layers:
             raise PluginError(f"compile_layers: {type(base).__name__} has no decoder layers to compile")

@@ -67,10 +67,12 @@ def test_compiled_layers_match_eager_in_one_graph(base_layer, monkeypatch):
     """
     import torch._dynamo
 
+    import fmsaccel_foak.compiling
     import fmsaccel_foak.runtime
 
-    if DEVICE == "cpu":
+    if DEVICE == "cpu":  # a CPU run stays eager (skip_reason); here the plumbing is what is tested
         monkeypatch.setattr(fmsaccel_foak.runtime, "is_interpreted", lambda kernel: False)
+        monkeypatch.setattr(fmsaccel_foak.compiling, "skip_reason", lambda model, fsdp: None)
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -90,8 +92,20 @@ def test_compiled_layers_match_eager_in_one_graph(base_layer, monkeypatch):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
-def test_compile_layers_refused_under_fsdp():
+@pytest.mark.parametrize("fsdp", [True, False])
+def test_compile_layers_skipped_loudly_under_fsdp_and_on_cpu(fsdp, caplog):
+    """The padding-free foak recipes ask for compiled layers; FSDP and CPU runs of them train eagerly, and say so."""
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
-    ctx = TrainContext(args={"distributed": {"strategy": "fsdp"}})
-    with pytest.raises(PluginError, match="compile_layers is not supported under FSDP"):
-        build_plugin(PATH, compile_layers=True).prepare_trainer(_Trainer(model), ctx)
+    ctx = TrainContext(args={"distributed": {"strategy": "fsdp"}} if fsdp else {})
+    build_plugin(PATH, compile_layers=True).prepare_trainer(_Trainer(model), ctx)
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert layers and all(layer._compiled_call_impl is None for layer in layers)
+    why = "FSDP" if fsdp else "not a CUDA GPU"
+    assert any(why in what for (_, what) in ctx.report.notes) and why in caplog.text
+
+
+def test_compile_layers_and_selective_checkpointing_refused_together():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(PluginError, match="cannot be combined"):
+        build_plugin(PATH, compile_layers=True, selective_checkpointing=True).prepare_trainer(
+            _Trainer(model), TrainContext(args={"gradient_checkpointing": True}))
