@@ -11,7 +11,9 @@
 # the one-pass batch-8 reference to run; the 1-GPU reference always runs), STEPS=12, WARMUP=4, BUDGET_S=510 (runs that
 # would start later are skipped and reported, so a slow machine still returns what it measured), HF_GC=1 adds an
 # FSDP run that keeps transformers' gradient checkpointing (activation_checkpointing: false) for comparison;
-# FMSACCEL_MEMORY=1 adds each run's allocations alive at its peak memory to log_tails.txt.
+# FMSACCEL_MEMORY=1 adds each run's allocations alive at its peak memory to log_tails.txt; ONLY="gptq-ddp2 qlora-fsdp2"
+# runs just those 2-GPU runs (with the 1-GPU references of KINDS); EXTRA_SET="key=value ..." adds --set options to every run;
+# FMSACCEL_PROFILE=1 copies each run's profile (rank 0) to $OUT/profile-NAME.txt.
 set -u
 START=$(date +%s)
 OUT=${OUT:-${1:-/tmp/multi-gpu-out}}
@@ -37,12 +39,13 @@ recipe_of() { [ "$1" = qlora ] && echo accelerated-peft-bnb-foak-padding-free ||
 # keeps the generated workload the same for every batch size (by default it grows with the per-device batch).
 run() {
   local name=$1 kind=$2 gpus=$3 batch=$4; shift 4
+  if [ -n "${ONLY:-}" ] && [ "$gpus" -gt 1 ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   rm -rf "$RUNS/$name"
   timeout 240 fmsaccel run --recipe "$(recipe_of "$kind")" --model llama3-8b --data workload:R -o "$RUNS/$name" \
     --nproc-per-node "$gpus" --no-install --set max_steps="$STEPS" --set benchmark_warmup_steps="$WARMUP" \
     --set gradient_checkpointing=true --set max_seq_length=4096 --set save_strategy=no --set logging_steps=1 \
     --set learning_rate=2.0e-4 --set lora_dropout=0.0 --set per_device_train_batch_size="$batch" \
-    --set num_train_examples=$(( STEPS * 64 )) "$@" \
+    --set num_train_examples=$(( STEPS * 64 )) $(for kv in ${EXTRA_SET:-}; do printf -- '--set %s ' "$kv"; done) "$@" \
     > "$RUNS/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - START )) s"
 }
@@ -95,6 +98,9 @@ for log in sorted(runs.glob("*.log")):
     row = {"run": name, "kind": kind, "setup": setup}
     metrics_file = run_dir / "metrics.json"
     tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-60:]
+    profile = run_dir / "profile.txt"  # FMSACCEL_PROFILE=1: rank 0's last two warm-up steps
+    if profile.exists():
+        (out / f"profile-{name}.txt").write_text(profile.read_text())
     peak = run_dir / "memory_peak.txt"  # FMSACCEL_MEMORY=1: what is alive at the peak
     with open(out / "log_tails.txt", "a") as f:  # one file: the device tool returns a few files only
         f.write(f"=== {name}\n" + "\n".join(tail) + "\n")
