@@ -4,7 +4,7 @@
 # accelerated-peft-autogptq-foak-padding-free; prints the scaling efficiency, tokens/s per GPU at N over at 1
 # (target >= 0.85 at 8). Results (seed CSV columns) land in $OUT/scaling.csv.
 #   bash benchmarks/gpu/run_scaling.sh            (run from the repo root, with .whl carried)
-# Env: GPUS="1 2 4 8" (default: every count up to the GPUs there), RECIPES, WORKLOAD=R, CELL_TIMEOUT=200.
+# Env: GPUS="1 2 4 8" (default: every count up to the GPUs there), RECIPES, WORKLOAD=R, CELL_TIMEOUT=300 (the padding-free foak recipe compiles its layers on the first step).
 set -u
 OUT=${OUT:-/tmp/scaling-out}
 mkdir -p "$OUT"
@@ -17,7 +17,7 @@ for n in $GPUS; do
   fmsaccel bench --matrix benchmarks/scenarios.yaml \
     --recipes "${RECIPES:-baseline-peft-bnb,accelerated-peft-autogptq-foak-padding-free}" \
     --data "workload:${WORKLOAD:-R}" --num-gpus "$n" --effective-batch-size $(( 4 * n )) \
-    --out /tmp/scaling --timeout "${CELL_TIMEOUT:-200}" --resume 2>&1 | grep -E "^(ok|failed|timeout|oom)" | tail -4
+    --out /tmp/scaling --timeout "${CELL_TIMEOUT:-300}" --resume 2>&1 | grep -E "^(ok|failed|timeout|oom)" | tail -4
   cp /tmp/scaling/results.csv "$OUT/scaling.csv" 2>/dev/null
 done
 python3 - "$OUT/scaling.csv" <<'PY'
