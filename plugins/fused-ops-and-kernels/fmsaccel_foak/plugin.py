@@ -137,23 +137,23 @@ class FusedOpsPlugin(AccelerationPlugin):
                   else "they are tied" if lm_head.weight is embed.weight
                   else None)
         world = dist.get_world_size() if common is None else 1
-        why_not = common or ("the lm_head is trainable" if lm_head.weight.requires_grad else None)
-        if why_not:
-            ctx.report.note(self.name, f"FSDP: the lm_head is gathered at the loss ({why_not})")
-        else:
-            start, stop, vocab = shard_lm_head(lm_head)
-            ctx.report.add(self.name, f"FSDP: lm_head split by vocabulary across {world} ranks (rows "
-                                      f"{start}-{stop} of {vocab} here), vocab-parallel loss, never gathered", 1)
-        why_not = common or ("the embeddings are trainable" if embed.weight.requires_grad
-                             else f"{type(embed).__name__} is not a plain nn.Embedding"
-                             if type(embed) is not nn.Embedding
-                             else None)
-        if why_not:
-            ctx.report.note(self.name, f"FSDP: the input embeddings are gathered for each step ({why_not})")
-        else:
-            start, stop, vocab = shard_embedding(embed)
-            ctx.report.add(self.name, f"FSDP: input embeddings split by vocabulary across {world} ranks (rows "
-                                      f"{start}-{stop} of {vocab} here), one all-reduce per lookup", 1)
+        embed_whole = ("the embeddings are trainable" if embed.weight.requires_grad
+                       else f"{type(embed).__name__} is not a plain nn.Embedding" if type(embed) is not nn.Embedding
+                       else None)
+        tables = [  # (module, how to split it, why it stays whole, its name, what FSDP does, what the split costs)
+            (lm_head, shard_lm_head, "the lm_head is trainable" if lm_head.weight.requires_grad else None,
+             "lm_head", "is gathered at the loss", "vocab-parallel loss, never gathered"),
+            (embed, shard_embedding, embed_whole, "input embeddings", "are gathered for each step",
+             "one all-reduce per lookup"),
+        ]
+        for module, split, stays_whole, name, gathered, cost in tables:
+            why_not = common or stays_whole
+            if why_not:
+                ctx.report.note(self.name, f"FSDP: the {name} {gathered} ({why_not})")
+                continue
+            start, stop, vocab = split(module)
+            ctx.report.add(self.name, f"FSDP: {name} split by vocabulary across {world} ranks (rows {start}-{stop} "
+                                      f"of {vocab} here), {cost}", 1)
 
     def _compile_layers(self, base, ctx: TrainContext) -> None:
         from .compiling import compile_decoder_layers, skip_reason

@@ -15,5 +15,6 @@ def _free_port() -> int:
 
 
 def test_two_ranks_match_full_vocabulary_forward_and_backward():
-    """Log-probs, entropy, top-1, the hidden-state gradient and embedding lookups; uneven vocabulary split."""
+    """Log-probs, entropy, top-1, the hidden-state gradient, embedding lookups (uneven vocabulary split), and
+    which tables foak splits under FSDP."""
     mp.spawn(vocab_parallel_worker.check, args=(2, _free_port()), nprocs=2)

@@ -16,6 +16,7 @@ def check(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         _check(rank)
+        _check_plugin(rank)
     finally:
         dist.destroy_process_group()
 
@@ -62,3 +63,22 @@ def _check(rank: int) -> None:
     start, stop, vocab = shard_embedding(embed)
     assert vocab == VOCAB and stop - start == embed.vocab_shard.shape[0] and not hasattr(embed, "weight")
     assert torch.equal(embed(ids), table[ids]), "vocab-parallel lookup"
+
+
+def _check_plugin(rank: int) -> None:
+    """foak under FSDP splits a frozen untied lm_head and embedding, and leaves tied ones whole with a note."""
+    from foak_testing import build_plugin, tiny_model
+
+    from fmsaccel_framework.plugin import TrainContext
+
+    for tied in (False, True):
+        model = tiny_model("llama", tie_word_embeddings=tied).requires_grad_(False)
+        ids = torch.tensor([[1, 5, rank, model.config.vocab_size - 1]])
+        want = model.get_input_embeddings()(ids)
+        ctx = TrainContext(args={"distributed": {"strategy": "fsdp"}})
+        build_plugin("peft.quantization.fused_ops_and_kernels", base_layer="bitsandbytes")._shard_vocabulary(model, ctx)
+        split = [what for (_, what) in ctx.report.entries if "split by vocabulary" in what]
+        notes = [note for (_, note) in ctx.report.notes if "they are tied" in note]
+        assert (len(split), len(notes)) == ((0, 2) if tied else (2, 0)), (split, ctx.report.notes)
+        assert hasattr(model.get_input_embeddings(), "vocab_shard") != tied
+        assert torch.equal(model.get_input_embeddings()(ids), want)
