@@ -35,7 +35,7 @@ def skip_reason(model: nn.Module, fsdp: bool) -> str | None:
     to remove, and Dynamo cannot trace Triton's interpreter.
     """
     if fsdp:
-        return "not under FSDP, whose sharding hooks sit on the decoder layers"
+        return "FSDP puts its sharding hooks on the decoder layers"
     device = next(model.parameters()).device
     if device.type != "cuda":
         return f"the model is on {device.type}, not a CUDA GPU; compiling pays only where kernel launches do"

@@ -244,7 +244,8 @@ def shard_embedding(embed: nn.Embedding) -> tuple[int, int, int]:
 
     Under FSDP the embedding sits in the root shard unit, which stays gathered from the
     first forward to the end of the backward: the full table on every rank for the whole
-    step. Split by vocabulary instead, a lookup costs one all-reduce of the hidden states.
+    step. Split by vocabulary instead, a lookup costs an all-gather of the ids (and of their counts,
+    with a host sync) and an all-reduce of world x tokens rows.
     Returns (first row, last row + 1, vocabulary size).
     """
     vocab = embed.weight.shape[0]

@@ -144,7 +144,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             (lm_head, shard_lm_head, "the lm_head is trainable" if lm_head.weight.requires_grad else None,
              "lm_head", "is gathered at the loss", "vocab-parallel loss, never gathered"),
             (embed, shard_embedding, embed_whole, "input embeddings", "are gathered for each step",
-             "one all-reduce per lookup"),
+             "ids all-gathered and rows all-reduced per lookup"),
         ]
         for module, split, stays_whole, name, gathered, cost in tables:
             why_not = common or stays_whole
