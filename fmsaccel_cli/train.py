@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import sys
 import time
@@ -236,6 +237,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _host_cpu() -> str:
+    """The host's CPU model and core count: launch-bound workloads (R) move with it, so it goes with each figure."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = "--resume" in argv
@@ -381,6 +393,7 @@ def _result(cfg, args, framework, ctx, metrics: RunMetrics, train_result) -> dic
         "world_size": world,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": _versions(),
+        "host_cpu": _host_cpu(),
         "patch_report": ctx.report.as_dict(),
         "interrupted": metrics.stop_requested,
         "args": args,

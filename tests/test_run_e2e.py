@@ -36,6 +36,7 @@ def test_embedded_default_qlora_trains_and_saves(tmp_path):
     assert list(m["phase_seconds"]) == ["startup", "data_and_model", "trainer", "train", "save"]
     assert 0 < m["phase_seconds"]["startup"] < 300  # torchrun, imports: from the launch to the first phase
     assert all(v >= 0 for v in m["phase_seconds"].values())
+    assert m["host_cpu"].endswith(" cores)")  # launch-bound figures move with the host's CPU
 
 
 def test_baseline_and_two_processes_on_gloo(tmp_path):
