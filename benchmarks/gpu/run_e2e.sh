@@ -12,9 +12,10 @@ cp /tmp/bench-$WORKLOAD/results.csv $OUT/results-$WORKLOAD.csv 2>/dev/null
 for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; head -30 "$f"; done > $OUT/profiles-$WORKLOAD.txt
 for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done > $OUT/logs-$WORKLOAD.txt
 # Optional second matrix (VARIANT_RECIPES set): the same workload on the same machine with one more setting,
-# VARIANT_SET (default: the flex padding-free backend; e.g. plugins.peft.quantization.fused_ops_and_kernels.fp8_matmul=true)
+# VARIANT_SET (default: the flex padding-free backend; e.g. plugins.peft.quantization.fused_ops_and_kernels.fp8_matmul=true
+# or pad_to_multiple_of=256), and VARIANT_ENV="NAME=value ..." in its environment (e.g. TORCHINDUCTOR_CPP_WRAPPER=1)
 if [ -n "${VARIANT_RECIPES:-}" ]; then
-  timeout ${VARIANT_TIMEOUT:-150} fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
+  timeout ${VARIANT_TIMEOUT:-150} env ${VARIANT_ENV:-} fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
     --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD-variant --timeout ${VARIANT_CELL_TIMEOUT:-140} \
     --set "${VARIANT_SET:-plugins.training.attention.padding_free.backend=flex}" 2>&1 | grep -vE "^\s*$" | tail -5
   cp /tmp/bench-$WORKLOAD-variant/results.csv $OUT/results-$WORKLOAD-variant.csv 2>/dev/null
