@@ -188,3 +188,44 @@ def test_report_cli_writes_plots_for_seed_csv(tmp_path):
         "peak_memory__mistral-7b.png", "peak_memory__mixtral-8x7b.png",
         "tokens_per_second__mistral-7b.png", "tokens_per_second__mixtral-8x7b.png",
     ]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_record_appends_labelled_calls_and_keeps_new_columns(tmp_path):
+    """Two device calls into one reference file; the second adds a column; ratios stay within each call."""
+    ref = tmp_path / "refs" / "h100.csv"
+    ref.parent.mkdir()
+    first = _write_csv(tmp_path / "a.csv", _ours()[:2])
+    result = _cli(["record", str(first), "--to", str(ref), "--label", "session 5 call 1"])
+    assert result.exit_code == 0, result.output
+    assert "2 row(s) recorded as device_call 'session 5 call 1'" in result.output
+    out = tmp_path / "bench-out"
+    out.mkdir()
+    faster = [{**r, "train_tokens_per_second": r["train_tokens_per_second"] * 2, "host_cpu": "x (16 cores)"}
+              for r in _ours()[:2]]
+    _write_csv(out / "results.csv", faster)
+    assert _cli(["record", str(out), "--to", str(ref), "--label", "session 5 call 2"]).exit_code == 0
+    rows = read_results(ref)
+    assert [r["device_call"] for r in rows] == ["session 5 call 1"] * 2 + ["session 5 call 2"] * 2
+    assert [r.get("host_cpu") for r in rows] == [None, None, "x (16 cores)", "x (16 cores)"]  # added, blank before
+    ratios = [r["train_tokens_per_second_vs_baseline"] for r in add_baseline_ratios(rows)]
+    assert ratios == [1.0, round(3200 / 2800, 4)] * 2  # each call against its own baseline
+    assert not list(ref.parent.glob("*.tmp"))
+
+
+def test_record_refuses_what_is_not_a_results_csv(tmp_path):
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    result = _cli(["record", str(tmp_path / "notes.csv"), "--to", str(tmp_path / "ref.csv"), "--label", "x"])
+    assert result.exit_code == 2 and "not a benchmark results file" in result.output
+    result = _cli(["record", str(tmp_path), "--to", str(tmp_path / "ref.csv"), "--label", "x"])
+    assert result.exit_code == 2 and "expected a bench results.csv" in result.output
+    assert not (tmp_path / "ref.csv").exists()

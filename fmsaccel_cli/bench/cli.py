@@ -1,4 +1,4 @@
-"""``fmsaccel bench`` (run a scenarios matrix) and ``fmsaccel bench report`` (tables, regressions, charts).
+"""``fmsaccel bench`` (run a scenarios matrix), ``bench report`` (tables, regressions, charts) and ``bench record``.
 
 Mounted by the main app with ``app.add_typer(bench_app, name="bench")``. Nothing heavy is imported here:
 cells run as separate ``fmsaccel run`` processes, and matplotlib is imported only when charts are asked for.
@@ -187,6 +187,23 @@ def report(
             console.print(f"wrote {path}", highlight=False)
     if fail_on_regression and regressions:
         raise typer.Exit(1)
+
+
+@bench_app.command("record")
+def record(
+    results: Path = typer.Argument(..., help="A bench --out folder or its results.csv."),
+    to: Path = typer.Option(..., "--to", help="The reference CSV to append to (created if missing)."),
+    label: str = typer.Option(..., "--label", help="Which machine and call the rows come from (device_call)."),
+) -> None:
+    """Append a run's rows to a reference CSV (e.g. benchmarks/refs/h100_80gb.csv), labelled with their device call."""
+    from . import report as rep
+
+    console = _console()
+    try:
+        count = rep.record(results, to, label)
+    except BenchError as e:
+        raise _fail(console, e) from None
+    console.print(f"{to}: {count} row(s) recorded as device_call {label!r}", highlight=False)
 
 
 if __name__ == "__main__":  # python -m fmsaccel_cli.bench.cli: the bench without the main app

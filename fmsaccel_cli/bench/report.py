@@ -104,6 +104,44 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return [normalize(r) for r in rows]
 
 
+def record(results: str | Path, reference: str | Path, label: str) -> int:
+    """Append the rows of a bench ``results.csv`` (or its folder) to a reference CSV, each with ``device_call=label``.
+
+    A reference file gathers several device calls (machines): ``report`` compares ratios within a call only.
+    Columns the reference lacks are added (empty for its older rows), so nothing a new run recorded is dropped.
+    Returns the number of rows appended.
+    """
+    results, reference = Path(results), Path(reference)
+    if results.is_dir():
+        results = results / "results.csv"
+    if not results.exists() or results.suffix != ".csv":
+        raise BenchError(f"{results}: expected a bench results.csv (or the --out folder holding one)")
+    if not label.strip():
+        raise BenchError("the device-call label is empty; say which machine and call the rows come from")
+    with open(results, newline="") as f:
+        new_rows = list(csv.DictReader(f))
+    if new_rows and "model_name_or_path" not in new_rows[0]:
+        raise BenchError(f"{results}: no model_name_or_path column; not a benchmark results file")
+    old_rows: list[dict[str, str]] = []
+    columns = ["device_call"]
+    if reference.exists():
+        with open(reference, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or columns)
+            old_rows = list(reader)
+        if "device_call" not in columns:
+            columns.insert(0, "device_call")
+    columns += [c for c in (new_rows[0] if new_rows else {}) if c not in columns]
+    tmp = reference.with_name(reference.name + ".tmp")
+    with open(tmp, "w", newline="") as f:  # written whole, then renamed: an interrupted record loses nothing
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(old_rows)
+        writer.writerows({**row, "device_call": label} for row in new_rows)
+    tmp.replace(reference)
+    return len(new_rows)
+
+
 def uses_data(*tables: list[dict[str, Any]]) -> bool:
     return all(any(r.get(DATA) for r in t) for t in tables)
 
