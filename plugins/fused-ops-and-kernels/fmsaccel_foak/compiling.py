@@ -1,4 +1,4 @@
-"""Regional compilation: ``torch.compile`` on every decoder layer, after all patches are in place.
+"""Regional compilation: ``torch.compile`` on every decoder layer (or the whole decoder stack), after all patches.
 
 Short-sequence steps (padding-free batches of a few hundred tokens a layer) are paced
 by the CPU: Python, autograd and hundreds of small kernel launches per layer. Compiling
@@ -42,8 +42,15 @@ def skip_reason(model: nn.Module, fsdp: bool) -> str | None:
     return None
 
 
-def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Compile every decoder layer of ``model`` in place; returns the layers compiled."""
+def compile_decoder_layers(model: nn.Module, scope: bool | str = True) -> list[nn.Module]:
+    """Compile the decoder layers of ``model`` in place; returns the layers compiled.
+
+    ``scope`` True: each layer is its own region (one graph shared by all). ``"model"``: the
+    decoder stack (``model.get_decoder()``, embeddings to final norm) is one region, so a
+    step pays one guard check and one compiled call forward and backward instead of one per
+    layer, and the checkpoint recompute runs inside the backward graph; it traces every layer,
+    so the first step compiles for longer.
+    """
     import torch._dynamo
 
     from .ops.rms_norm import sm_count
@@ -53,6 +60,9 @@ def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model)
+    if scope == "model" and layers:
+        model.get_decoder().compile(dynamic=True)
+        return layers
     for layer in layers:
         layer.compile(dynamic=True)
     return layers

@@ -166,11 +166,17 @@ class FusedOpsPlugin(AccelerationPlugin):
             logger.warning("compile_layers: the decoder layers stay eager (%s)", why_not)
             ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
             return
-        layers = compile_decoder_layers(base)
+        scope = self.keys["compile_layers"]
+        layers = compile_decoder_layers(base, scope)
         if not layers:
             raise PluginError(f"compile_layers: {type(base).__name__} has no decoder layers to compile")
-        ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
-                                  "all layers; compiles on the first step)", len(layers))
+        if scope == "model":
+            ctx.report.add(self.name, f"{type(base.get_decoder()).__name__} ({len(layers)} "
+                                      f"{type(layers[0]).__name__}) -> torch.compile as one region (dynamic shapes; "
+                                      "compiles on the first step)", 1)
+        else:
+            ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
+                                      "all layers; compiles on the first step)", len(layers))
 
     def _note_fp8(self, ctx: TrainContext) -> None:
         from .ops import fp8

@@ -15,9 +15,10 @@ _KEYS = {
     "fast_swiglu": ConfigKey(bool, default=False, help="Triton SwiGLU in the MLP"),
     "fp8_matmul": ConfigKey(bool, default=False,
                             help="fused LoRA: frozen base matmuls in FP8 e4m3 (row-wise scales) at 4096+ tokens"),
-    "compile_layers": ConfigKey(bool, default=False,
+    "compile_layers": ConfigKey((bool, str), default=False, choices=(True, False, "model"),
                                 help="torch.compile each decoder layer (one graph, dynamic lengths): far fewer "
-                                     "kernel launches and less Python per step; compiles on the first step"),
+                                     "kernel launches and less Python per step; compiles on the first step; "
+                                     "'model': the whole decoder stack as one region (longer compile)"),
     "selective_checkpointing": ConfigKey(bool, default=False,
                                          help="under gradient checkpointing, keep attention outputs (memory and "
                                               "per-op CPU time for less recompute: long sequences only)"),

@@ -92,6 +92,38 @@ def test_compiled_layers_match_eager_in_one_graph(base_layer, monkeypatch):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_whole_decoder_stack_compiles_as_one_region(monkeypatch):
+    """compile_layers: model: the decoder stack is one compiled region, matching eager across row shapes.
+
+    The one graph break is at the embeddings: transformers' input-require-grads hook (for checkpointing
+    a frozen model) calls ``requires_grad_`` there, so the embeddings are one graph and the layers another.
+    """
+    import torch._dynamo
+
+    import fmsaccel_foak.compiling
+    import fmsaccel_foak.runtime
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fmsaccel_foak.runtime, "is_interpreted", lambda kernel: False)
+        monkeypatch.setattr(fmsaccel_foak.compiling, "skip_reason", lambda model, fsdp: None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, _ = _model(False, None)
+    compiled, ctx = _model("model", None)
+    assert [what for (_, what) in ctx.report.entries if "one region" in what] == [
+        "LlamaModel (2 LlamaDecoderLayer) -> torch.compile as one region (dynamic shapes; compiles on the first step)"]
+    for batch in _rows():
+        want_loss, want = _step(eager, batch)
+        got_loss, got = _step(compiled, batch)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
+        assert got.keys() == want.keys() and len(got) == 16
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] <= 2 and stats["calls_captured"] >= 2  # no recompiles across row lengths
+    assert all("requires_grad_" in reason for reason in torch._dynamo.utils.counters["graph_break"])
+
+
 @pytest.mark.parametrize("fsdp", [True, False])
 def test_compile_layers_skipped_loudly_under_fsdp_and_on_cpu(fsdp, caplog):
     """The padding-free foak recipes ask for compiled layers; FSDP and CPU runs of them train eagerly, and say so."""
