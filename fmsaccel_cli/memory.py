@@ -1,7 +1,7 @@
 """What is alive at a run's peak GPU memory: ``FMSACCEL_MEMORY=1`` (CUDA only).
 
 torch's allocator history (``torch.cuda.memory._record_memory_history``) records every
-allocation and free from the start of training with its Python stack. At the end of the
+allocation (with its Python stack) and free from the start of training. At the end of the
 warm-up steps the history is replayed to the moment the allocated total was highest, and
 the blocks alive then are listed, largest first, each with the innermost frames of the
 code that allocated it. What was allocated before training (the model's weights) is

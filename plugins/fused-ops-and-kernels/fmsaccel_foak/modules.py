@@ -265,21 +265,17 @@ def _vocab_parallel_embedding_forward(self, input_ids: torch.Tensor) -> torch.Te
     """
     import torch.distributed as dist
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    from .ops.vocab_parallel import gather_rows, most_rows
+
     flat = input_ids.reshape(-1)
-    counts = [flat.new_zeros(1) for _ in range(world)]
-    dist.all_gather(counts, flat.new_tensor([flat.numel()]))
-    longest = int(max(counts).item())
-    padded = flat.new_zeros(longest)
-    padded[: flat.numel()] = flat
-    every = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(every, padded)
-    local = torch.stack(every) - self.vocab_start
+    rows = most_rows(flat)
+    local = gather_rows(flat, rows) - self.vocab_start
     inside = (local >= 0) & (local < self.vocab_shard.shape[0])
-    rows = nn.functional.embedding(torch.where(inside, local, 0), self.vocab_shard)
-    rows = rows * inside.unsqueeze(-1).to(rows.dtype)
-    dist.all_reduce(rows)
-    return rows[rank, : flat.numel()].reshape(*input_ids.shape, -1)
+    embedded = nn.functional.embedding(torch.where(inside, local, 0), self.vocab_shard)
+    embedded = embedded * inside.unsqueeze(-1).to(embedded.dtype)
+    dist.all_reduce(embedded)
+    mine = dist.get_rank() * rows
+    return embedded[mine: mine + flat.numel()].reshape(*input_ids.shape, -1)
 
 
 def _gathered_logits_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -287,13 +283,9 @@ def _gathered_logits_forward(self, hidden: torch.Tensor) -> torch.Tensor:
 
     Like FSDP's own gathering, every rank must call it together.
     """
-    import torch.distributed as dist
+    from .ops.vocab_parallel import gather_rows
 
-    shard = self.vocab_shard.new_zeros(self.per_rank, self.vocab_shard.shape[1])
-    shard[: self.vocab_shard.shape[0]] = self.vocab_shard
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, shard)
-    weight = torch.cat(parts)[: self.vocab_size]
+    weight = gather_rows(self.vocab_shard, self.per_rank)[: self.vocab_size]
     return hidden @ weight.to(hidden.dtype).t()
 
 

@@ -32,8 +32,14 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def _gather_rows(x: torch.Tensor, rows: int, group, fill=0) -> torch.Tensor:
-    """Every rank's ``x`` padded to ``rows`` rows, concatenated in rank order."""
+def most_rows(x: torch.Tensor, group=None) -> int:
+    """The largest row count of ``x`` over the ranks (at least 1): what :func:`gather_rows` pads to."""
+    counts = _all_gather(torch.tensor([x.shape[0]], device=x.device), group)
+    return max(1, int(counts.max()))
+
+
+def gather_rows(x: torch.Tensor, rows: int, group=None, fill=0) -> torch.Tensor:
+    """Every rank's ``x`` padded to ``rows`` rows, concatenated in rank order (rank r's rows start at r * rows)."""
     padded = x.new_full((rows, *x.shape[1:]), fill)
     padded[: x.shape[0]] = x
     return _all_gather(padded, group).flatten(0, 1)
@@ -48,10 +54,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, shard, vocab_start, targets, logit_scale, group):
         rank = dist.get_rank(group)
         dtype = shard.dtype
-        counts = _all_gather(torch.tensor([hidden.shape[0]], device=hidden.device), group)
-        rows = max(1, int(counts.max()))
-        h_all = _gather_rows(hidden.to(dtype), rows, group)
-        t_all = _gather_rows(targets, rows, group, fill=-1)
+        rows = most_rows(hidden, group)
+        h_all = gather_rows(hidden.to(dtype), rows, group)
+        t_all = gather_rows(targets, rows, group, fill=-1)
         local_t = t_all - vocab_start
         in_shard = (local_t >= 0) & (local_t < shard.shape[0])
         local_t = local_t.clamp(0, shard.shape[0] - 1)[:, None]
