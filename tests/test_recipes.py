@@ -118,7 +118,8 @@ def test_bare_framework_config_and_recipe_copy_validate(tmp_path):
     copy = tmp_path / "copy.yaml"
     copy.write_text(yaml.safe_dump(rc.resolve("accelerated-peft-bnb-foak").to_yaml_dict()))
     active = rc.validate(rc.load_recipe_file(copy))
-    assert {s.name for s, _ in active} == {"accelerated-peft-bnb", "fused-ops-and-kernels"}
+    assert {s.name for s, _ in active} == {"accelerated-peft-bnb", "fused-ops-and-kernels",
+                                        "attention-and-distributed-packing"}
 
 
 def test_scenarios_files_validate():

@@ -2,7 +2,9 @@
 
 - ``augment``: registers the padding-free attention for the chosen backend with
   transformers' ``AttentionInterface`` and switches the model to it (no model code is
-  patched); records the backend in the report and ``ctx.extras["padding_free"]``.
+  patched); records the backend in the report and ``ctx.extras["padding_free"]``. Without
+  padding-free, ``training.attention.sdpa`` switches the model to SDPA attention that keeps
+  cuDNN's per-length planning away from padded batches.
 - ``data_collator``: the padding-free collator (one ``[1, T]`` row per batch).
 - ``prepare_trainer``: with multipack, the trainer's train dataloader draws token-balanced
   batches from :class:`~fmsaccel_aadp.multipack.MultipackBatchSampler`.
@@ -16,11 +18,12 @@ from typing import Any
 from fmsaccel_framework.lora import unwrap_peft
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
-from .attention import register_attention, resolve_backend
+from .attention import register_attention, register_sdpa, resolve_backend
 from .collator import PaddingFreeCollator
 from .multipack import MultipackBatchSampler
 
 PADDING_FREE = "training.attention.padding_free"
+SDPA = "training.attention.sdpa"
 MULTIPACK = "training.dataloader.multipack"
 
 
@@ -95,9 +98,13 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
     def multipack(self) -> dict[str, Any] | None:
         return self.config.get(MULTIPACK)
 
+    @property
+    def sdpa(self) -> dict[str, Any] | None:
+        return self.config.get(SDPA)
+
     def augment(self, model, ctx: TrainContext):
         if self.padding_free is None:
-            return model
+            return self._choose_sdpa_kernels(model, ctx) if self.sdpa is not None else model
         requested = self.padding_free.get("backend", "auto")
         try:
             backend, why = resolve_backend(requested, dtype=ctx.torch_dtype)
@@ -113,6 +120,24 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         ctx.report.note(self.name, f"padding-free attention backend: {backend} [{why}]")
         ctx.extras["padding_free"] = True
         ctx.extras["padding_free_backend"] = backend
+        return model
+
+    def _choose_sdpa_kernels(self, model, ctx: TrainContext):
+        cudnn = self.sdpa.get("cudnn", "unpadded")
+        base = unwrap_peft(model)
+        current = base.config._attn_implementation
+        if current != "sdpa":
+            raise PluginError(f"{SDPA}.cudnn chooses among SDPA kernels, but the model uses '{current}' attention "
+                              "(attn_implementation / use_flash_attn): drop one of them")
+        name = register_sdpa(cudnn)
+        base.set_attn_implementation(name)
+        if base.config._attn_implementation != name:
+            raise PluginError(f"{type(base).__name__} did not accept attention implementation '{name}' (it must use "
+                              "transformers' AttentionInterface)")
+        ctx.report.add(self.name, f"attention -> sdpa, cuDNN {cudnn}", _count_attention_layers(base))
+        if cudnn == "unpadded":
+            ctx.report.note(self.name, "padded batches use the flash/efficient SDPA kernels, not cuDNN's, which "
+                                       "plans a kernel for every new sequence length")
         return model
 
     def data_collator(self, ctx: TrainContext):
@@ -131,6 +156,9 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
 
 
 def build(spec, config: dict[str, dict[str, Any]]) -> AttentionAndPackingPlugin:
+    if SDPA in config and PADDING_FREE in config:
+        raise PluginError(f"{SDPA} picks the attention kernel of padded batches and padding_free leaves no "
+                          "padding: drop one of them")
     if MULTIPACK in config and PADDING_FREE not in config:
         # a token budget bounds real tokens; padded to the longest example a batch could be far bigger
         raise PluginError("multipack needs padding-free attention: add plugins.training.attention.padding_free")

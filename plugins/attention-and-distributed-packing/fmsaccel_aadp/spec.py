@@ -4,12 +4,19 @@ from fmsaccel_framework import ConfigKey, PluginSpec
 
 AADP = PluginSpec(
     name="attention-and-distributed-packing",
-    description="padding-free attention (flash-attn, torch varlen, flex or masked) and multipack batching",
+    description="padding-free attention (flash-attn, torch varlen, flex or masked), multipack batching, "
+                "and the SDPA kernel for padded batches",
     paths={
         "training.attention.padding_free": {
             "method": ConfigKey(str, default="huggingface", choices=("huggingface",), help="padding-free method"),
             "backend": ConfigKey(str, default="auto", choices=("auto", "flash_attn", "varlen", "flex", "sdpa_masked"),
                                  help="attention kernel; auto picks the fastest that runs here"),
+        },
+        "training.attention.sdpa": {
+            "cudnn": ConfigKey(str, default="unpadded", choices=("always", "unpadded", "never"),
+                               help="padded batches: where PyTorch may use cuDNN attention, which plans a kernel per "
+                                    "new sequence length (always: PyTorch's choice; unpadded: not for batches with "
+                                    "padding; never)"),
         },
         "training.dataloader.multipack": {
             "num_processes": ConfigKey(int, default=16, help="processes used to compute lengths"),
