@@ -17,13 +17,14 @@ import torch.distributed as dist
 TOKENS, HIDDEN, INTER, EXPERTS, TOP_K = 13, 16, 24, 4, 2
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, rendezvous: str) -> None:
+    """``rendezvous``: a file path unique to the test (no TCP port to race for)."""
     # gloo on CPU tensors, so Triton runs in its interpreter even on a GPU machine (set before CUDA or
     # fmsaccel_moe.triton_kernels is touched in this fresh process)
     os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
 def _inputs(rank: int):
@@ -39,9 +40,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> No
     assert diff <= tol * max(1.0, b.abs().max().item()), f"{what}: max diff {diff}"
 
 
-def check_experts(rank: int, world: int, port: int, backend: str) -> None:
+def check_experts(rank: int, world: int, rendezvous: str, backend: str) -> None:
     """ep_routed_experts == routed_experts: outputs, token / routing-weight / expert-weight gradients."""
-    _init(rank, world, port)
+    _init(rank, world, rendezvous)
     from fmsaccel_moe import expert_parallel as ep
     from fmsaccel_moe.ops import routed_experts
 
@@ -118,9 +119,9 @@ def check_experts(rank: int, world: int, port: int, backend: str) -> None:
     dist.destroy_process_group()
 
 
-def check_plugin(rank: int, world: int, port: int, out_dir: str) -> None:
+def check_plugin(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     """augment + prepare_trainer with ep_degree=2 on a tiny Mixtral, against the unsharded model."""
-    _init(rank, world, port)
+    _init(rank, world, rendezvous)
     from moe_testing import tiny_model
     from transformers import AutoModelForCausalLM
 

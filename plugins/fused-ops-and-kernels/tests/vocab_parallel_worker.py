@@ -11,9 +11,10 @@ from torch import nn
 VOCAB, HIDDEN = 53, 16  # a vocabulary that does not split evenly
 
 
-def check(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def check(rank: int, world: int, rendezvous: str) -> None:
+    """``rendezvous``: a file path unique to the test (no TCP port to race for)."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         _check(rank)
         _check_plugin(rank)
