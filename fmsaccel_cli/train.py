@@ -126,7 +126,16 @@ class RunMetrics(TrainerCallback):
     Tokens are counted in a forward pre-hook on the top-level model (gradient
     checkpointing recomputes layers, never the top-level forward), as a device
     tensor so counting adds no host sync.
+
+    ``step_seconds``: where each measured step's wall time goes, from host timestamps at the
+    trainer's callbacks (no sync added): ``forward_backward`` (step start to the optimizer, with
+    gradient clipping and the trainer's per-micro-batch metrics), ``optimizer``, ``step_end``
+    (scheduler, zero_grad, this callback's progress line, which waits for the GPU) and
+    ``between_steps`` (the trainer's logging, which gathers the loss over ranks, and the next
+    batch). On launch-bound steps it shows where a multi-GPU step waits that a 1-GPU one does not.
     """
+
+    STEP_PHASES = ("forward_backward", "optimizer", "step_end", "between_steps")
 
     def __init__(self, warmup_steps: int):
         self.warmup_steps = warmup_steps
@@ -137,6 +146,9 @@ class RunMetrics(TrainerCallback):
         self.micro_loss: torch.Tensor | None = None  # this step's micro-batches so far
         self.stop_requested = False
         self.memory_baseline: int | None = None  # FMSACCEL_MEMORY: bytes allocated when recording began
+        self.step_marks: dict[str, float] = {}  # host timestamps of the current step's callbacks
+        self.step_phase_totals = dict.fromkeys(self.STEP_PHASES, 0.0)
+        self.timed_steps = 0
 
     def count_tokens(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -176,6 +188,10 @@ class RunMetrics(TrainerCallback):
         self.tokens_at_warmup = float(self.tokens) if self.tokens is not None else 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.time_at_warmup is not None and "step_end" in self.step_marks:
+            self.step_phase_totals["between_steps"] += now - self.step_marks["step_end"]
+        self.step_marks = {"begin": now}
         # FMSACCEL_PROFILE=1: profile the last two warm-up steps (never the measured ones)
         if os.environ.get("FMSACCEL_PROFILE") and state.global_step - self.first_step == self.warmup_steps - 2:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -190,6 +206,27 @@ class RunMetrics(TrainerCallback):
             Path(output_dir, "profile.txt").write_text(table)
             print(table, flush=True)
         self.profiler = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.step_marks["pre_optimizer"] = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.step_marks["optimizer"] = time.perf_counter()
+
+    def _time_step(self, measured: bool) -> None:
+        """Close the step's phases (called last in ``on_step_end``, after this callback's own work)."""
+        marks = self.step_marks
+        marks["step_end"] = time.perf_counter()
+        if measured and {"begin", "pre_optimizer", "optimizer"} <= marks.keys():
+            self.step_phase_totals["forward_backward"] += marks["pre_optimizer"] - marks["begin"]
+            self.step_phase_totals["optimizer"] += marks["optimizer"] - marks["pre_optimizer"]
+            self.step_phase_totals["step_end"] += marks["step_end"] - marks["optimizer"]
+            self.timed_steps += 1
+
+    def step_seconds(self) -> dict[str, float]:
+        """Mean seconds per measured step in each phase (``between_steps`` counts the gaps after them)."""
+        n = max(self.timed_steps, 1)
+        return {k: round(v / n, 4) for k, v in self.step_phase_totals.items()}
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.micro_loss is not None:
@@ -215,6 +252,7 @@ class RunMetrics(TrainerCallback):
                 print(f"{PROGRESS_TAG} " + json.dumps({"step": state.global_step, "max_steps": state.max_steps,
                                                        "tokens_per_second": self.throughput()[0], "loss": loss}),
                       flush=True)
+        self._time_step(measured=done > self.warmup_steps)
 
     def throughput(self) -> tuple[float, float, int]:
         if self.time_at_warmup is None or self.tokens is None:
@@ -380,6 +418,7 @@ def _result(cfg, args, framework, ctx, metrics: RunMetrics, train_result) -> dic
         "train_tokens_per_second_total": total_tokens_per_second,
         "measured_tokens": int(total_tokens),
         "measured_seconds": measured_time,
+        "step_seconds": metrics.step_seconds(),  # this rank's (rank 0's in metrics.json)
         "train_runtime": train_result.metrics.get("train_runtime"),
         "train_samples_per_second": train_result.metrics.get("train_samples_per_second"),
         "train_steps_per_second": train_result.metrics.get("train_steps_per_second"),

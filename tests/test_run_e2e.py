@@ -39,6 +39,11 @@ def test_embedded_default_qlora_trains_and_saves(tmp_path):
     assert 0 < m["phase_seconds"]["startup"] < 300  # torchrun, imports: from the launch to the first phase
     assert all(v >= 0 for v in m["phase_seconds"].values())
     assert m["host_cpu"].endswith(" cores)")  # launch-bound figures move with the host's CPU
+    # where a measured step's wall time goes: the phases add up to the measured time (38 steps after 2 warm-up)
+    step = m["step_seconds"]
+    assert list(step) == ["forward_backward", "optimizer", "step_end", "between_steps"] and min(step.values()) >= 0
+    assert 0.8 * m["measured_seconds"] <= sum(step.values()) * 38 <= m["measured_seconds"] + 0.05
+    assert step["forward_backward"] > step["optimizer"]
 
 
 def test_baseline_and_two_processes_on_gloo(tmp_path):

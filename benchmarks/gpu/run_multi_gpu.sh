@@ -131,7 +131,9 @@ for log in sorted(runs.glob("*.log")):
                  "tokens_per_s_per_gpu": round(m["train_tokens_per_second"], 1),
                  "peak_mem_gib": round(m["mem_peak_torch_mem_alloc_in_bytes"] / 2**30, 2),
                  "first_loss": round(m["losses"][0], 4), "final_loss": round(m["losses"][-1], 4),
-                 "losses": m["losses"], "adapter_tensors": tensors, "gpu": m["gpu"], "notes": " | ".join(notes)})
+                 "losses": m["losses"], "adapter_tensors": tensors, "gpu": m["gpu"], "notes": " | ".join(notes),
+                 # rank 0's mean seconds per step: forward+backward / optimizer / step end / between steps
+                 "step_phases": "/".join(f"{v:.3f}" for v in (m.get("step_seconds") or {}).values())})
 
 reference = {r["kind"]: r for r in rows if r["setup"] == "1gpu" and r["status"] == "ok"}
 one_pass = {r["kind"]: r for r in rows if r["setup"] == "1gpu-b8" and r["status"] == "ok"}
@@ -156,7 +158,7 @@ for r in rows:
 
 columns = ["run", "status", "tokens_per_s_total", "scaling_vs_1gpu", "scaling_vs_1gpu_b4", "peak_mem_gib", "mem_vs_1gpu", "mem_vs_1gpu_b8",
            "first_loss",
-           "final_loss", "max_loss_rel_diff", "adapter_tensors", "targets"]
+           "final_loss", "max_loss_rel_diff", "adapter_tensors", "targets", "step_phases"]
 widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
 print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
 for r in rows:
