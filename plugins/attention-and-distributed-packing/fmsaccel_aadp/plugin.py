@@ -27,6 +27,14 @@ SDPA = "training.attention.sdpa"
 MULTIPACK = "training.dataloader.multipack"
 
 
+def _switch_attention(base, name: str) -> None:
+    """Point ``base`` (the model under any PEFT wrapper) at a registered attention implementation."""
+    base.set_attn_implementation(name)
+    if base.config._attn_implementation != name:
+        raise PluginError(f"{type(base).__name__} did not accept attention implementation '{name}' (it must use "
+                          "transformers' AttentionInterface)")
+
+
 def _count_attention_layers(model) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(getattr(config, "num_hidden_layers", 0) or 0)
@@ -110,12 +118,8 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
             backend, why = resolve_backend(requested, dtype=ctx.torch_dtype)
         except RuntimeError as e:
             raise PluginError(str(e)) from e
-        name = register_attention(backend, strict=requested != "auto")
         base = unwrap_peft(model)
-        base.set_attn_implementation(name)
-        if base.config._attn_implementation != name:
-            raise PluginError(f"{type(base).__name__} did not accept attention implementation '{name}' (it must use "
-                              "transformers' AttentionInterface)")
+        _switch_attention(base, register_attention(backend, strict=requested != "auto"))
         ctx.report.add(self.name, f"attention -> padding-free {backend}", _count_attention_layers(base))
         ctx.report.note(self.name, f"padding-free attention backend: {backend} [{why}]")
         ctx.extras["padding_free"] = True
@@ -129,11 +133,7 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         if current != "sdpa":
             raise PluginError(f"{SDPA}.cudnn chooses among SDPA kernels, but the model uses '{current}' attention "
                               "(attn_implementation / use_flash_attn): drop one of them")
-        name = register_sdpa(cudnn)
-        base.set_attn_implementation(name)
-        if base.config._attn_implementation != name:
-            raise PluginError(f"{type(base).__name__} did not accept attention implementation '{name}' (it must use "
-                              "transformers' AttentionInterface)")
+        _switch_attention(base, register_sdpa(cudnn))
         ctx.report.add(self.name, f"attention -> sdpa, cuDNN {cudnn}", _count_attention_layers(base))
         if cudnn == "unpadded":
             ctx.report.note(self.name, "padded batches use the flash/efficient SDPA kernels, not cuDNN's, which "
