@@ -341,6 +341,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
     model = framework.augment(model, ctx)
+    _name_experts_for_trl(model)
     phases.mark("data_and_model")
 
     metrics = RunMetrics(int(args.get("benchmark_warmup_steps", 2)))
@@ -437,6 +438,14 @@ def _result(cfg, args, framework, ctx, metrics: RunMetrics, train_result) -> dic
         "interrupted": metrics.stop_requested,
         "args": args,
     }
+
+
+def _name_experts_for_trl(model) -> None:
+    """TRL's SFTTrainer turns the load-balancing loss on for MoE models, and its loss forward reads
+    ``config.num_experts``, which Mixtral and Granite MoE configs call ``num_local_experts``: alias it."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not hasattr(config, "num_experts") and hasattr(config, "num_local_experts"):
+        config.num_experts = config.num_local_experts
 
 
 def _has_flash_attn() -> bool:

@@ -93,3 +93,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"resuming from {checkpoints[-1]}" in out.stdout
     assert len(_metrics(tmp_path)["losses"]) == 5  # only the remaining steps ran
+
+
+@pytest.mark.parametrize("model", ["tiny-granitemoe", "tiny-mixtral"])
+def test_plain_moe_models_train_with_trls_load_balancing_loss(tmp_path, model):
+    """Without plugins too: TRL's loss forward reads config.num_experts, which these configs name otherwise."""
+    out = cli("run", "--recipe", "standard-peft", "--model", model, "--output-dir", str(tmp_path), "--set",
+              "max_steps=2", "--set", "save_strategy=no", "--set", "per_device_train_batch_size=2")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert len(_metrics(tmp_path)["losses"]) == 2

@@ -140,11 +140,7 @@ def _keep_experts_4bit(model, sites, ctx: TrainContext, plugin: str) -> None:
 
 def _keep_aux_loss(model, ctx: TrainContext, plugin: str) -> None:
     """The router logits stay recorded, so HF adds the load-balancing loss when the run asks."""
-    config = model.config
-    if not hasattr(config, "num_experts") and hasattr(config, "num_local_experts"):
-        # TRL's SFTTrainer turns the load-balancing loss on for MoE models and its chunked-loss forward
-        # reads config.num_experts, which Granite MoE configs call num_local_experts.
-        config.num_experts = config.num_local_experts
+    config = model.config  # (config.num_experts, which TRL reads, is aliased for every run in fmsaccel_cli.train)
     if "output_router_logits" in ctx.args:
         config.output_router_logits = bool(ctx.args["output_router_logits"])
     if "router_aux_loss_coef" in ctx.args:
