@@ -99,6 +99,16 @@ def test_plugin_errors_are_clear(full_precision):
         _plugin().augment(torch.nn.Linear(2, 2), ctx)
 
 
+@pytest.mark.parametrize("shape", ["tiny-mixtral", "tiny-granitemoe"])
+def test_mixture_of_experts_models_are_refused_before_any_quantisation(shape, tmp_path, monkeypatch):
+    from fmsaccel_cli import models
+
+    monkeypatch.setenv("FMSACCEL_CACHE", str(tmp_path))
+    with pytest.raises(PluginError, match=r"mixture-of-experts model .*GPTQ-LoRA covers dense models only"):
+        _plugin().load_model(str(models.materialize(shape)), _context())
+    assert not (tmp_path / "gptq").exists()
+
+
 def test_lora_inputs_stay_in_the_compute_dtype_under_mixed_precision(full_precision, tmp_path):
     """Under bf16 autocast PEFT would cast every LoRA input to fp32 and autocast back: the plugin turns that off."""
     from types import SimpleNamespace

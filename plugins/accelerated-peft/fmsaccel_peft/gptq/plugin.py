@@ -11,6 +11,7 @@ through PEFT, which wraps each targeted :class:`QuantLinear`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,18 @@ logger = logging.getLogger(__name__)
 PATH = "peft.quantization.auto_gptq"
 KERNELS = {"triton_v2": "auto"}  # config name -> QuantLinear backend (fused or dequant+cuBLAS by token count)
 CACHE_GROUP_SIZE = 128
+
+
+def _refuse_mixture_of_experts(path: Path) -> None:
+    """transformers keeps MoE experts as fused 3-D tensors, not linears: GPTQ-LoRA would quantise only attention."""
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if experts:
+        raise PluginError(f"{path.name} is a mixture-of-experts model ({config.get('model_type')}, {experts} experts): "
+                          "GPTQ-LoRA covers dense models only (transformers keeps the experts as fused 3-D tensors, "
+                          "which our GPTQ kernels do not quantise); for 4-bit MoE use accelerated-peft-bnb with the "
+                          "MoE recipes' plugin")
 
 
 def _cache_root() -> Path:
@@ -86,6 +99,7 @@ class GPTQPlugin(AccelerationPlugin):
 
     def load_model(self, model_name_or_path: str, ctx: TrainContext):
         path = Path(model_name_or_path).expanduser()
+        _refuse_mixture_of_experts(path)
         if not is_quantized_checkpoint(path):
             if self.keys["from_quantized"]:
                 ctx.report.note(self.name, f"{path.name} is not a GPTQ checkpoint: loading its RTN 4-bit copy")
