@@ -64,10 +64,12 @@ fi
 
 python3 - "$RUNS" "$OUT" <<'EOF'
 """Tokens/s and peak memory per run, as ratios to the plain transformers run of the same model and method."""
-import csv
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, "benchmarks/gpu")
+from tables import print_table, write_csv  # noqa: E402
 
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
 rows = []
@@ -106,17 +108,11 @@ for r in rows:
             (" ok" if ok else " MISSED")
 
 columns = ["run", "status", "tokens_per_s_total", "vs_plain", "peak_mem_gib", "mem_vs_plain", "final_loss", "target"]
-widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns] if rows else [len(c) for c in columns]
-print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+print_table(rows, columns)
 for r in rows:
-    print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
     if r["status"] != "ok":
-        print(f"  {r['run']} failed: {r['error']}")
-fields = columns + ["model", "method", "setup", "world_size", "gpu", "experts", "error"]
-with open(out / "moe_e2e.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+        print(f"{r['run']} failed: {r['error']}")
+write_csv(out / "moe_e2e.csv", rows, columns + ["model", "method", "setup", "world_size", "gpu", "experts", "error"])
 print(f"wrote {out / 'moe_e2e.csv'}, {out / 'metrics.jsonl'} and {out / 'log_tails.txt'}")
 EOF
 echo "total $(( $(date +%s) - START )) s"

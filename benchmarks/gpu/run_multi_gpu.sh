@@ -87,10 +87,12 @@ fi
 
 python3 - "$RUNS" "$OUT" <<'EOF'
 """Table and CSV: tokens/s over all ranks, scaling vs 1 GPU, peak memory per GPU vs 1 GPU, loss vs 1 GPU, adapter."""
-import csv
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, "benchmarks/gpu")
+from tables import print_table, write_csv  # noqa: E402
 
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
 rows = []
@@ -159,20 +161,14 @@ for r in rows:
 columns = ["run", "status", "tokens_per_s_total", "scaling_vs_1gpu", "scaling_vs_1gpu_b4", "peak_mem_gib", "mem_vs_1gpu", "mem_vs_1gpu_b8",
            "first_loss",
            "final_loss", "max_loss_rel_diff", "adapter_tensors", "targets", "step_phases"]
-widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-for r in rows:
-    print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
+print_table(rows, columns)
 for r in rows:
     if r["status"] != "ok":
         print(f"{r['run']} failed: {r['error']}")
     elif r.get("notes"):
         print(f"{r['run']}: {r['notes']}")
-fields = columns + ["kind", "setup", "world_size", "tokens_per_s_per_gpu", "gpu", "notes", "error"]
-with open(out / "multi_gpu.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+write_csv(out / "multi_gpu.csv", rows,
+          columns + ["kind", "setup", "world_size", "tokens_per_s_per_gpu", "gpu", "notes", "error"])
 print(f"wrote {out / 'multi_gpu.csv'}, {out / 'metrics.jsonl'} and {out / 'log_tails.txt'}")
 EOF
 echo "total $(( $(date +%s) - START )) s"
