@@ -107,6 +107,35 @@ class _Phases:
         self._last = now
 
 
+def _guard_summary(model) -> str:
+    """Dynamo's guards on the model's compiled regions (foak's ``compile_layers``), checked before every call.
+
+    One line per cache entry: how many guards, by kind, and how many Python evaluates
+    (``LAMBDA_GUARD``, the slow ones), which are listed. Empty when nothing is compiled.
+    """
+    import collections
+    import re
+
+    codes = {type(m).forward.__code__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    lines = []
+    for code in sorted(codes, key=lambda c: c.co_qualname):
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            entries = _debug_get_cache_entry_list(code)
+        except (ImportError, AttributeError, RuntimeError) as e:  # a private API: a diagnostic only
+            return f"guards: unavailable ({type(e).__name__})\n"
+        for i, entry in enumerate(entries):
+            text = str(entry.guard_manager)
+            kinds = collections.Counter(re.findall(r"\+- ([A-Z_]+):", text))
+            python = [line.split("LAMBDA_GUARD:", 1)[1].split("#")[0].strip() for line in text.splitlines()
+                      if "LAMBDA_GUARD:" in line]
+            lines.append(f"guards of {code.co_qualname} (cache entry {i}): {sum(kinds.values())}; "
+                         + ", ".join(f"{k} {n}" for k, n in kinds.most_common(6)))
+            lines += [f"  python guard: {g[:150]}" for g in python]
+    return "".join(f"{line}\n" for line in lines)
+
+
 def _profile_summary(events) -> str:
     """Top kernels by GPU time, top ops by CPU time, and the launch count (R-like steps are launch-bound)."""
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
@@ -198,10 +227,13 @@ class RunMetrics(TrainerCallback):
                                                                torch.profiler.ProfilerActivity.CUDA])
             self.profiler.__enter__()
 
-    def _write_profile(self, output_dir: str) -> None:
+    def _write_profile(self, output_dir: str, model=None) -> None:
         self._sync()
         self.profiler.__exit__(None, None, None)
         table = _profile_summary(self.profiler.key_averages())
+        guards = _guard_summary(model) if model is not None else ""
+        if guards:
+            table += "\n" + guards
         if is_main_process():
             Path(output_dir, "profile.txt").write_text(table)
             print(table, flush=True)
@@ -234,7 +266,7 @@ class RunMetrics(TrainerCallback):
             self.micro_loss = None
         done = state.global_step - self.first_step
         if getattr(self, "profiler", None) is not None and done == self.warmup_steps:
-            self._write_profile(args.output_dir)
+            self._write_profile(args.output_dir, kwargs.get("model"))
         if done == self.warmup_steps and self.memory_baseline is not None:
             report = memory.stop_and_report(self.memory_baseline)
             if is_main_process():

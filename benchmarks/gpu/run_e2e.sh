@@ -16,7 +16,7 @@ timeout ${BENCH_TIMEOUT} fmsaccel bench --matrix benchmarks/scenarios.yaml --rec
   --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD --timeout 240 --resume \
   ${EXTRA:-} 2>&1 | grep -vE "^\s*$" | tail -20
 cp /tmp/bench-$WORKLOAD/results.csv $OUT/results-$WORKLOAD.csv 2>/dev/null
-for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; head -30 "$f"; done > $OUT/profiles-$WORKLOAD.txt
+for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "$f"; done > $OUT/profiles-$WORKLOAD.txt
 for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done > $OUT/logs-$WORKLOAD.txt
 # Optional second matrix (VARIANT_RECIPES set): the same workload on the same machine with one more setting,
 # VARIANT_SET (default: the flex padding-free backend; e.g. plugins.peft.quantization.fused_ops_and_kernels.fp8_matmul=true
