@@ -10,6 +10,7 @@ per-device batch, plus the data path when both sides record one (our P and R wor
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -132,13 +133,14 @@ def record(results: str | Path, reference: str | Path, label: str) -> int:
         if "device_call" not in columns:
             columns.insert(0, "device_call")
     columns += [c for c in (new_rows[0] if new_rows else {}) if c not in columns]
-    tmp = reference.with_name(reference.name + ".tmp")
-    with open(tmp, "w", newline="") as f:  # written whole, then renamed: an interrupted record loses nothing
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(old_rows)
-        writer.writerows({**row, "device_call": label} for row in new_rows)
-    tmp.replace(reference)
+    from .runner import atomic_write
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(old_rows)
+    writer.writerows({**row, "device_call": label} for row in new_rows)
+    atomic_write(reference, buf.getvalue())  # written whole, then renamed: an interrupted record loses nothing
     return len(new_rows)
 
 

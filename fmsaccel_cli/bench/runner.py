@@ -272,7 +272,8 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it: a killed writer leaves the old file."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -286,7 +287,7 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     from .report import add_baseline_ratios
 
     rows = add_baseline_ratios(rows)
-    _atomic_write(out_dir / RESULTS_JSONL, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    atomic_write(out_dir / RESULTS_JSONL, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     keys = {k for r in rows for k in r if k not in CSV_OMITTED}
     columns = [c for c in CSV_COLUMNS if c in keys] + sorted(keys - set(CSV_COLUMNS))
     buf = io.StringIO()
@@ -294,7 +295,7 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: _csv_cell(r.get(k)) for k in columns})
-    _atomic_write(out_dir / RESULTS_CSV, buf.getvalue())
+    atomic_write(out_dir / RESULTS_CSV, buf.getvalue())
 
 
 def read_recorded(out_dir: Path) -> list[dict[str, Any]]:
