@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from fmsaccel_framework.plugin import PluginError
 
+from .spec import CUDNN_MODES
+
 BACKENDS = ("flash_attn", "varlen", "flex", "sdpa_masked")
 ATTENTION_NAME_PREFIX = "fmsaccel_padding_free"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -418,7 +420,6 @@ def register_attention(backend: str, strict: bool = True) -> str:
 
 # --------------------------------------------------------------------------- padded batches: SDPA without cuDNN plans
 
-CUDNN_MODES = ("always", "unpadded", "never")
 SDPA_NAME_PREFIX = "fmsaccel_sdpa_cudnn"
 
 
@@ -446,7 +447,6 @@ def make_sdpa_forward(cudnn: str) -> Callable:
                 return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    sdpa_forward.cudnn = cudnn
     return sdpa_forward
 
 

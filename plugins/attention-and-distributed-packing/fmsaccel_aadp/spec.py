@@ -2,6 +2,8 @@
 
 from fmsaccel_framework import ConfigKey, PluginSpec
 
+CUDNN_MODES = ("always", "unpadded", "never")  # training.attention.sdpa.cudnn
+
 AADP = PluginSpec(
     name="attention-and-distributed-packing",
     description="padding-free attention (flash-attn, torch varlen, flex or masked), multipack batching, "
@@ -13,7 +15,7 @@ AADP = PluginSpec(
                                  help="attention kernel; auto picks the fastest that runs here"),
         },
         "training.attention.sdpa": {
-            "cudnn": ConfigKey(str, default="unpadded", choices=("always", "unpadded", "never"),
+            "cudnn": ConfigKey(str, default="unpadded", choices=CUDNN_MODES,
                                help="padded batches: where PyTorch may use cuDNN attention, which plans a kernel per "
                                     "new sequence length (always: PyTorch's choice; unpadded: not for batches with "
                                     "padding; never)"),
