@@ -117,13 +117,17 @@ def _guard_summary(model) -> str:
     import re
 
     codes = {type(m).forward.__code__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    if not codes:
+        return ""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list  # a private API: a diagnostic only
+    except ImportError as e:
+        return f"guards: unavailable ({type(e).__name__})\n"
     lines = []
     for code in sorted(codes, key=lambda c: c.co_qualname):
         try:
-            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
             entries = _debug_get_cache_entry_list(code)
-        except (ImportError, AttributeError, RuntimeError) as e:  # a private API: a diagnostic only
+        except (AttributeError, RuntimeError) as e:
             return f"guards: unavailable ({type(e).__name__})\n"
         for i, entry in enumerate(entries):
             text = str(entry.guard_manager)
