@@ -378,6 +378,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
     model = framework.augment(model, ctx)
     _name_experts_for_trl(model)
+    _record_router_logits(model)
     phases.mark("data_and_model")
 
     metrics = RunMetrics(int(args.get("benchmark_warmup_steps", 2)))
@@ -482,6 +483,46 @@ def _name_experts_for_trl(model) -> None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if not hasattr(config, "num_experts") and hasattr(config, "num_local_experts"):
         config.num_experts = config.num_local_experts
+
+
+def _record_router_logits(model) -> None:
+    """Make an MoE model that does not record its router logits record them (Granite MoE in transformers 5.17).
+
+    Without them its load-balancing loss is the int 0: TRL's logging of it crashes, and the loss the run asked for
+    is silently missing. The router (a ``*TopKRouter``) is probed once to find which output holds the logits.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
+    except ImportError:  # another transformers: its models record what they declare
+        return
+    patched: dict[str, str] = {}
+    for module in model.modules():
+        can_record = getattr(type(module), "_can_record_outputs", None)
+        if not isinstance(can_record, dict) or "router_logits" in can_record:
+            continue
+        routers = [m for m in module.modules() if type(m).__name__.endswith("TopKRouter")]
+        if not routers:
+            continue
+        router = routers[0]
+        weight = router.weight
+        with torch.no_grad():
+            outputs = router(torch.zeros(1, weight.shape[-1], dtype=weight.dtype, device=weight.device))
+        index = next((i for i, t in enumerate(outputs) if torch.is_tensor(t) and t.is_floating_point()
+                      and t.shape[-1] == weight.shape[0]), None)  # [tokens, num_experts]: the logits
+        if index is None:
+            log(f"warning: {type(router).__name__} returns no [tokens, experts] logits: the load-balancing loss "
+                "cannot be computed for this model")
+            continue
+        recorder = {"router_logits": OutputRecorder(type(router), index=index)}
+        if type(_CAN_RECORD_REGISTRY) is dict:  # 5.17: keyed on the class name
+            key = str(type(module))
+            _CAN_RECORD_REGISTRY[key] = {**(_CAN_RECORD_REGISTRY.get(key) or can_record), **recorder}
+        else:  # later releases key it on the model
+            _CAN_RECORD_REGISTRY[module] = {**(_CAN_RECORD_REGISTRY.get(module) or can_record), **recorder}
+        patched[type(module).__name__] = f"output {index} of {type(router).__name__}"
+    if patched:
+        log(f"{' and '.join(patched)} did not record router logits: now recording "
+            f"{', '.join(sorted(set(patched.values())))} (for the load-balancing loss)")
 
 
 def _has_flash_attn() -> bool:
