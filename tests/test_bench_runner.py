@@ -171,13 +171,34 @@ def test_a_run_that_wrote_its_results_but_did_not_exit_is_ok(tmp_path, fake):
     run_prefix, _ = fake
     cell = _cells(tmp_path, models=["slow-exit"])[0]
     outcome = run_cell(cell.command(run_prefix, tmp_path / "cell"), tmp_path / "cell", timeout_s=3.0,
-                       kill_grace_s=2.0)
+                       kill_grace_s=2.0, exit_grace_s=60.0)
     assert outcome.status == "ok" and outcome.metrics["train_tokens_per_second"] == 1500.0
     assert "had not exited at the timeout" in outcome.tail[-1]
     from fmsaccel_cli.bench.runner import cell_row
 
     row = cell_row(cell, outcome, tmp_path / "cell", [])
     assert row["status"] == "ok" and "had not exited at the timeout" in row["error"]
+
+
+def test_a_run_that_lingers_after_its_results_is_stopped_and_ok(tmp_path, fake):
+    """The bench does not wait out a slow teardown: the cell's group is stopped ``exit_grace_s`` after its results."""
+    run_prefix, _ = fake
+    cell = _cells(tmp_path, models=["slow-exit"])[0]
+    start = time.monotonic()
+    outcome = run_cell(cell.command(run_prefix, tmp_path / "cell"), tmp_path / "cell", timeout_s=60.0,
+                       kill_grace_s=2.0, exit_grace_s=1.0)
+    assert time.monotonic() - start < 20
+    assert outcome.status == "ok" and outcome.returncode is None and outcome.metrics["final_loss"] == 1.9
+    assert "1 s after: stopped" in outcome.tail[-1] and outcome.exit_s is not None and 1.0 <= outcome.exit_s < 10
+    assert "stopping the cell" in (tmp_path / "cell" / "output.log").read_text()
+
+
+def test_a_run_that_exits_records_its_teardown_time(tmp_path, fake):
+    run_prefix, _ = fake
+    cell = _cells(tmp_path, models=["ok-fast"])[0]
+    outcome = run_cell(cell.command(run_prefix, tmp_path / "cell"), tmp_path / "cell", timeout_s=60.0)
+    assert outcome.status == "ok" and outcome.returncode == 0
+    assert outcome.exit_s is None or 0 <= outcome.exit_s < 5  # None: it exited before the first look
 
 
 def test_progress_lines_reach_the_display(tmp_path, fake):

@@ -39,6 +39,9 @@ RESULTS_CSV = "results.csv"
 CELLS_DIR = "cells"
 TAIL_LINES = 30
 KILL_GRACE_S = 15.0
+# A run whose metrics.json (its last write) exists is done: if it has not exited this long after, its process group
+# is stopped. Seen on GPU hosts, where teardown (or a compile worker keeping the output pipe open) took 20 s a cell.
+EXIT_GRACE_S = 10.0
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 
 # Leading CSV columns, in the seed's reference-CSV names; anything else follows alphabetically.
@@ -79,6 +82,7 @@ class CellOutcome:
     elapsed_s: float
     tail: list[str]
     metrics: dict[str, Any] = field(default_factory=dict)
+    exit_s: float | None = None  # seconds from the results being written to the cell ending (teardown)
 
 
 ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*)?([\w.]*(?:Error|Exception)\b.*)$")
@@ -132,20 +136,34 @@ def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
             continue
 
 
+def _has_results(metrics_path: Path) -> bool:
+    """Whether the run has written complete results (a half-written file is not yet)."""
+    try:
+        return json.loads(metrics_path.read_text()).get("train_tokens_per_second") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_cell(
     command: list[str],
     cell_dir: Path,
     timeout_s: float,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     kill_grace_s: float = KILL_GRACE_S,
+    exit_grace_s: float = EXIT_GRACE_S,
 ) -> CellOutcome:
-    """Run one cell, teeing its output to ``cell_dir/output.log``; classify how it ended."""
+    """Run one cell, teeing its output to ``cell_dir/output.log``; classify how it ended.
+
+    Once the run has written its results, it gets ``exit_grace_s`` to exit before its process group is stopped.
+    """
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "command.sh").write_text(shlex.join(command) + "\n")
     metrics_path = cell_dir / "metrics.json"
     metrics_path.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not count as success
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    saw_oom = timed_out = False
+    saw_oom = timed_out = stopped_after_results = False
+    results_at: float | None = None  # when complete results were first seen
+    next_results_check = 0.0
     first_error = ""  # the first error line, which torchrun's long epilogue pushes out of the tail
     start = time.monotonic()
     linux = sys.platform.startswith("linux")
@@ -167,7 +185,18 @@ def run_cell(
     try:
         with open(cell_dir / "output.log", "w") as log:
             while True:
-                if time.monotonic() - start > timeout_s:
+                now = time.monotonic()
+                if now >= next_results_check:  # a stat twice a second, however fast the output comes
+                    next_results_check = now + 0.5
+                    if results_at is None and _has_results(metrics_path):
+                        results_at = now
+                    elif results_at is not None and now - results_at > exit_grace_s:
+                        stopped_after_results = True
+                        log.write(f"\n[fmsaccel bench] stopping the cell: it wrote its results {exit_grace_s:g} s ago"
+                                  " and has not exited\n")
+                        _stop_group(proc, kill_grace_s)
+                        break
+                if now - start > timeout_s:
                     timed_out = True
                     log.write(f"\n[fmsaccel bench] timeout after {timeout_s:g} s: stopping the cell\n")
                     tail.append(f"[fmsaccel bench] timeout after {timeout_s:g} s")
@@ -200,6 +229,7 @@ def run_cell(
         _stop_group(proc, kill_grace_s)  # Ctrl-C / SIGTERM of the bench: end the cell, record nothing
         raise
     returncode = proc.wait()
+    ended = time.monotonic()
     reader.join(timeout=5)
     metrics: dict[str, Any] = {}
     if metrics_path.exists():
@@ -210,14 +240,17 @@ def run_cell(
     elif returncode == 0 and not timed_out:
         tail.append(f"[fmsaccel bench] the run exited 0 but wrote no {metrics_path}")
     complete = metrics.get("train_tokens_per_second") is not None
-    status = _classify(returncode, timed_out, saw_oom, complete)
-    if timed_out and complete:
-        tail.append("[fmsaccel bench] the run had written its results (metrics.json, after the adapter) but had not "
-                    "exited at the timeout")
+    status = _classify(returncode, timed_out or stopped_after_results, saw_oom, complete)
+    if complete and (timed_out or stopped_after_results):
+        why = "at the timeout" if timed_out else f"{exit_grace_s:g} s after"
+        tail.append(f"[fmsaccel bench] the run had written its results (metrics.json, after the adapter) but had not "
+                    f"exited {why}: stopped")
     lines = list(tail)
     if first_error and first_error not in lines:
         lines = [first_error, "..."] + lines
-    return CellOutcome(status, None if timed_out else returncode, time.monotonic() - start, lines, metrics)
+    exit_s = round(ended - results_at, 2) if results_at is not None else None
+    stopped = timed_out or stopped_after_results
+    return CellOutcome(status, None if stopped else returncode, ended - start, lines, metrics, exit_s)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -248,6 +281,7 @@ def cell_row(cell: Cell, outcome: CellOutcome, cell_dir: Path, command: list[str
         "status": outcome.status,
         "returncode": outcome.returncode,
         "elapsed_s": round(outcome.elapsed_s, 2),
+        "exit_s": outcome.exit_s,
         "error": _error_column(outcome),
         "error_messages": "" if outcome.status == "ok" else "\n".join(outcome.tail),
         "cell_dir": str(cell_dir),
@@ -259,7 +293,7 @@ def cell_row(cell: Cell, outcome: CellOutcome, cell_dir: Path, command: list[str
 def _error_column(outcome: CellOutcome) -> str:
     if outcome.status != "ok":
         return error_summary(outcome.tail)
-    return outcome.tail[-1] if outcome.returncode is None and outcome.tail else ""  # ok, but stopped at the timeout
+    return outcome.tail[-1] if outcome.returncode is None and outcome.tail else ""  # ok, but stopped after its results
 
 
 def _csv_cell(value: Any) -> Any:
