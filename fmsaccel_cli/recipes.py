@@ -439,7 +439,43 @@ def _type_name(expected: tuple[type, ...]) -> str:
 
 
 def training_argument_types() -> dict[str, tuple[type, ...] | None]:
-    """Field name -> simple types accepted (None: anything), from the real SFTConfig and LoraConfig."""
+    """Field name -> simple types accepted (None: anything), from the real SFTConfig and LoraConfig.
+
+    Importing TRL and PEFT takes most of ``fmsaccel run``'s own seconds (every benchmark cell pays them), and the
+    answer only changes with their versions: it is cached on disk per (trl, peft, transformers) version.
+    """
+    import json
+    from importlib import metadata
+
+    from .models import cache_root
+
+    try:
+        versions = "-".join(metadata.version(name) for name in ("trl", "peft", "transformers"))
+    except metadata.PackageNotFoundError:
+        versions = None
+    cached = cache_root() / "argument-types" / f"{versions}.json"
+    try:
+        out = {k: None if v is None else tuple(_SIMPLE_BY_NAME[t] for t in v)
+               for k, v in json.loads(cached.read_text()).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        out = _introspect_argument_types()
+        if versions and all(v is None or all(t.__name__ in _SIMPLE_BY_NAME for t in v) for v in out.values()):
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+                tmp.write_text(json.dumps({k: None if v is None else [t.__name__ for t in v] for k, v in out.items()}))
+                os.replace(tmp, cached)
+            except OSError:
+                pass  # a read-only cache only costs the import next time
+    out.update({k: None for k in EXTRA_ARGUMENTS})
+    out["target_modules"] = (list, str)
+    return out
+
+
+_SIMPLE_BY_NAME = {t.__name__: t for t in _SIMPLE}
+
+
+def _introspect_argument_types() -> dict[str, tuple[type, ...] | None]:
     import dataclasses
     import typing
 
@@ -452,17 +488,17 @@ def training_argument_types() -> dict[str, tuple[type, ...] | None]:
             parts = [simple(a) for a in typing.get_args(tp) if a is not type(None)]
             if any(p is None for p in parts):
                 return None
-            return tuple(t for p in parts for t in p) or None
+            return tuple(dict.fromkeys(t for p in parts for t in p)) or None
         if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
             return (list,)
         if origin is dict or tp is dict:
             return (dict,)
         if origin is typing.Literal:
             return tuple({type(a) for a in typing.get_args(tp)})
+        if isinstance(tp, type) and issubclass(tp, __import__("enum").Enum):
+            return (str,)  # given by name (also the str-based enums, which the next test would keep as themselves)
         if isinstance(tp, type) and issubclass(tp, _SIMPLE):
             return (float, int) if tp is float else (tp,)
-        if isinstance(tp, type) and issubclass(tp, __import__("enum").Enum):
-            return (str,)
         return None
 
     out: dict[str, tuple[type, ...] | None] = {}
@@ -470,8 +506,6 @@ def training_argument_types() -> dict[str, tuple[type, ...] | None]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             out[f.name] = simple(hints.get(f.name, Any))
-    out.update({k: None for k in EXTRA_ARGUMENTS})
-    out["target_modules"] = (list, str)
     return out
 
 

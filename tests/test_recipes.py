@@ -169,3 +169,16 @@ def test_omegaconf_interpolation_across_the_merged_recipe(tmp_path):
     cfg.write_text("arguments:\n  output_dir: /tmp/runs/${rank}\n")
     with pytest.raises(rc.RecipeError, match=r"r.yaml: output_dir: cannot resolve interpolation"):
         rc.resolve("accelerated-peft-bnb", cfg)
+
+
+def test_argument_types_are_cached_per_version_and_a_bad_cache_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMSACCEL_CACHE", str(tmp_path))
+    fresh = rc.training_argument_types()
+    [cached] = (tmp_path / "argument-types").glob("*.json")
+    assert cached.stem.count("-") >= 2  # trl-peft-transformers versions
+    assert rc.training_argument_types() == fresh  # read back: the same names and types
+    assert fresh["lr_scheduler_type"] == (str,) and fresh["learning_rate"] == (float, int)
+    assert fresh["target_modules"] == (list, str) and "benchmark_warmup_steps" in fresh
+    cached.write_text('{"r": ["complex"]}')  # torn or foreign: introspected again, and rewritten
+    assert rc.training_argument_types() == fresh
+    assert "complex" not in cached.read_text()
