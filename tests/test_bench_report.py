@@ -229,3 +229,15 @@ def test_record_refuses_what_is_not_a_results_csv(tmp_path):
     result = _cli(["record", str(tmp_path), "--to", str(tmp_path / "ref.csv"), "--label", "x"])
     assert result.exit_code == 2 and "expected a bench results.csv" in result.output
     assert not (tmp_path / "ref.csv").exists()
+
+
+def test_report_cli_prints_a_markdown_table_for_a_readme(tmp_path):
+    results = _write_jsonl(tmp_path / "results.jsonl", _ours())
+    shown = _cli(["report", str(results), "--markdown"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith("| framework_config | peft | model | gpus |") and lines[1].startswith("|:---|")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[2:]}
+    assert len(rows) == 6 and all(len(r) == 11 for r in rows.values())
+    assert rows["accelerated-peft-bnb"][6:10] == ["4,200", "1.50", "16.07", "0.86"]  # tok/s, vs base, GiB, mem
+    assert rows["accelerated-peft-autogptq"][5] == "oom"

@@ -162,6 +162,7 @@ def report(
     tolerance: float = typer.Option(0.1, "--tolerance", help="Relative change that counts as moved (0.1 = 10%)."),
     fail_on_regression: bool = typer.Option(False, "--fail-on-regression", help="Exit 1 if any cell regressed."),
     plot: Path | None = typer.Option(None, "--plot", help="Write PNG charts (tokens/s, peak memory) to this folder."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the results table as GitHub Markdown."),
 ) -> None:
     """Table of results and ratios to baseline-peft-bnb; regressions against a reference; charts."""
     from . import report as rep
@@ -172,7 +173,10 @@ def report(
         reference = rep.read_results(vs) if vs is not None else None
     except BenchError as e:
         raise _fail(console, e) from None
-    console.print(rep.results_table(rows, title=f"{results} ({len(rows)} cells)"))
+    if markdown:
+        print(rep.results_markdown(rows), end="")
+    else:
+        console.print(rep.results_table(rows, title=f"{results} ({len(rows)} cells)"))
     regressions = 0
     if reference is not None:
         changes, unmatched = rep.compare(rows, reference, tolerance)

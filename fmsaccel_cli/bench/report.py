@@ -242,28 +242,52 @@ def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                        r.get("per_device_train_batch_size") or 0, order[r["framework_config"]]))
 
 
-def results_table(rows: list[dict[str, Any]], title: str = "benchmark results"):
-    """A rich Table: every cell with its tokens/s, peak memory and loss, and the ratios to the baseline."""
-    from rich.table import Table
-
+def _result_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The results table's column names and cells: every cell with its tokens/s, peak memory, loss and ratios."""
     rows = [normalize(r) for r in add_baseline_ratios(rows)]
     with_data = any(r.get(DATA) for r in rows)
-    table = Table(title=title, title_justify="left")
     columns = ["framework_config", "peft", "model"] + (["data"] if with_data else [])
     columns += ["gpus", "batch/dev", "status", "tok/s/dev", "vs base", "peak GiB", "mem vs base", "loss"]
-    for name in columns:
-        table.add_column(name, justify="right" if name not in ("framework_config", "peft", "model", "data",
-                                                               "status") else "left")
+    table = []
     for r in _sorted(rows):
-        status = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/red]"
         peak = r.get(PEAK) / GIB if r.get(PEAK) is not None else None
         cells = [r["framework_config"], r["peft_method"] or "-", r["model_name_or_path"]]
         cells += [r.get(DATA) or "-"] if with_data else []
-        cells += [str(r.get("num_gpus")), str(r.get("per_device_train_batch_size")), status, _fmt(r.get(TPS)),
-                  _fmt(_number(r.get(f"{TPS}_vs_baseline")), ".2f"), _fmt(peak, ".1f"),
+        cells += [str(r.get("num_gpus")), str(r.get("per_device_train_batch_size")), r["status"], _fmt(r.get(TPS)),
+                  _fmt(_number(r.get(f"{TPS}_vs_baseline")), ".2f"), _fmt(peak, ".2f"),
                   _fmt(_number(r.get(f"{PEAK}_vs_baseline")), ".2f"), _fmt(r.get(LOSS), ".4f")]
-        table.add_row(*cells)
+        table.append(cells)
+    return columns, table
+
+
+_LEFT = ("framework_config", "peft", "model", "data", "status")
+
+
+def results_table(rows: list[dict[str, Any]], title: str = "benchmark results"):
+    """A rich Table of :func:`_result_cells` (failed statuses in red)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    columns, cells = _result_cells(rows)
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(name, justify="left" if name in _LEFT else "right")
+    status = columns.index("status")
+    for row in cells:
+        row = [escape(c) for c in row]
+        if row[status] != "ok":
+            row[status] = f"[red]{row[status]}[/red]"
+        table.add_row(*row)
     return table
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    """The same table in GitHub Markdown, to paste into a README."""
+    columns, cells = _result_cells(rows)
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(":---" if name in _LEFT else "---:" for name in columns) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
 
 
 def changes_table(changes: list[Change], tolerance: float, with_data: bool):
