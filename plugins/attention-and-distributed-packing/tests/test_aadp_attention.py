@@ -217,3 +217,27 @@ def test_flash_attn_glue(monkeypatch):
     packing = A.Packing(batch["cu_seq_lens_q"], batch["max_length_q"])
     got = A.flash_attn_packed(q, k, v, packing, 0.3, 0.0)
     torch.testing.assert_close(got, A.sdpa_masked_attention(q, k, v, packing, 0.3, 0.0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lengths, dense", [((6, 6, 6), True), ((6, 5, 7), False), ((4, 4, 5), False)])
+def test_examples_of_one_length_run_as_a_dense_batch(lengths, dense, monkeypatch):
+    """A row of equal-length examples (workload P) skips the varlen kernel: dense causal SDPA, the same values
+    and gradients as the block-causal reference."""
+    q, k, v, batch = _packed_qkv(lengths)
+    kwargs = {k_: batch[k_] for k_ in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    packed_calls = []
+    monkeypatch.setitem(A.PACKED_BACKENDS, "sdpa_masked",
+                        lambda *a: packed_calls.append(1) or A.sdpa_masked_attention(*a))
+    forward = A.make_attention_forward("sdpa_masked")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, _ = forward(torch.nn.Module(), *leaves, None, scaling=0.3, **kwargs)
+    assert bool(packed_calls) is not dense
+    reference_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    packing = A.Packing(batch["cu_seq_lens_q"], batch["max_length_q"])
+    expected = A.sdpa_masked_attention(*reference_leaves, packing, 0.3, 0.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in zip(leaves, reference_leaves, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)
