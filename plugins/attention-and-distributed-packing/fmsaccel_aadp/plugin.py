@@ -121,7 +121,8 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         base = unwrap_peft(model)
         _switch_attention(base, register_attention(backend, strict=requested != "auto"))
         ctx.report.add(self.name, f"attention -> padding-free {backend}", _count_attention_layers(base))
-        ctx.report.note(self.name, f"padding-free attention backend: {backend} [{why}]")
+        ctx.report.note(self.name, f"padding-free attention backend: {backend} [{why}]; rows whose examples all have "
+                                   "one length run as a dense batch on causal SDPA")
         ctx.extras["padding_free"] = True
         ctx.extras["padding_free_backend"] = backend
         return model
