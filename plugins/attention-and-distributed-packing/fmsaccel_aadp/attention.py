@@ -302,6 +302,8 @@ def flash_attn_packed(query, key, value, packing: Packing, scaling: float | None
     return out[None]
 
 
+NO_DROPOUT = ("varlen", "flex")
+
 PACKED_BACKENDS: dict[str, Callable] = {
     "flash_attn": flash_attn_packed,
     "varlen": varlen_attention_packed,
@@ -409,7 +411,7 @@ def make_attention_forward(backend: str, strict: bool = True) -> Callable:
             raise PluginError(f"an example of {packing.max_length} tokens exceeds the sliding window "
                                       f"({window}); padding-free attention has no sliding-window support")
         rows = equal_length_rows(packing, query.shape[2])
-        if rows is not None:
+        if rows is not None and not (dropout and backend in NO_DROPOUT):  # (those refuse dropout on every row)
             return sdpa_equal_length_attention(query, key, value, rows, scaling, dropout), None
         fn = packed_fn
         # (not asked inside a compiled layer: importlib's checks cannot be traced, and the plugin chose the

@@ -241,3 +241,14 @@ def test_examples_of_one_length_run_as_a_dense_batch(lengths, dense, monkeypatch
     expected.backward(grad)
     for got, want in zip(leaves, reference_leaves, strict=True):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_equal_length_rows_keep_the_backends_dropout_refusal():
+    """varlen and flex refuse attention dropout on every row, so the dense path does not accept it on some rows."""
+    q, k, v, batch = _packed_qkv((6, 6))
+    kwargs = {k_: batch[k_] for k_ in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    forward = A.make_attention_forward("flex", strict=True)
+    out, _ = forward(torch.nn.Module(), q, k, v, None, **kwargs)  # dense: flex itself is never reached
+    assert out.shape == (1, 12, 4, 8)
+    with pytest.raises(PluginError):
+        forward(torch.nn.Module(), q, k, v, None, dropout=0.1, **kwargs)
