@@ -2,8 +2,9 @@
 
 The fake (written to a temp folder) behaves by model name: ``ok-*`` trains (progress lines + metrics.json),
 ``oom`` dies of CUDA OOM, ``crash`` exits 3, ``hang`` sleeps until killed, ``hang-once`` hangs only while
-``FAKE_HANG`` is set, ``slow-exit`` hangs after writing its metrics. Every start is appended to ``$FAKE_LOG``
-so a test can tell what ran and how often.
+``FAKE_HANG`` is set, ``slow-exit`` hangs after writing its metrics, ``ok-sleep`` holds its GPUs 3 s after them.
+Every start is appended to ``$FAKE_LOG`` (with its CUDA_VISIBLE_DEVICES) so a test can tell what ran, how often and
+where.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ out = argv[argv.index("--output-dir") + 1]
 sets = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
 model = sets["model_name_or_path"]
 with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({"model": model, "pid": os.getpid(), "out": out}) + "\n")
+    f.write(json.dumps({"model": model, "pid": os.getpid(), "out": out, "t": time.time(),
+                        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
 os.makedirs(out, exist_ok=True)
 if model == "oom":
     print("Traceback (most recent call last):")
@@ -70,6 +72,10 @@ with open(os.path.join(out, "metrics.json"), "w") as f:
     json.dump(metrics, f)
 if model == "slow-exit":
     time.sleep(120)
+if model == "ok-sleep":  # holds its GPUs a while: side-by-side cells overlap
+    time.sleep(3)
+    with open(os.environ["FAKE_LOG"] + ".ends", "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "t": time.time()}) + "\n")
 '''
 
 SCENARIOS = """
@@ -289,3 +295,59 @@ def test_kill_and_resume_loses_nothing_and_repeats_nothing(tmp_path, fake):
     assert _starts(log) == ["ok-slow", "ok-fast", "oom", "crash", "hang-once", "hang-once", "ok-slow"]
     assert (out / RESULTS_JSONL).read_text().count("\n") == 6
     assert "4 already recorded" in done.stdout
+
+
+def test_devices_run_cells_side_by_side_each_on_its_own_gpus(tmp_path, fake):
+    run_prefix, log = fake
+    path = tmp_path / "scenarios.yaml"
+    path.write_text(SCENARIOS.replace("[ok-fast, oom, crash, hang-once, ok-slow]", "[ok-sleep]")
+                    .replace("[ok-slow]", "[ok-sleep]"))
+    cells, _ = expand(load_scenarios(path), {"max_steps": 3}, effective_batch_sizes=[4, 8], num_gpus=[1, 2])
+    assert sorted(c.num_gpus for c in cells) == [1, 1, 1, 1, 2, 2, 2, 2]
+    summary = run_matrix(cells, tmp_path / "out", run_prefix=run_prefix, devices=["5", "7", "9"],
+                         console=Console(file=open(os.devnull, "w")), show_progress=False)
+    assert summary.statuses == {"ok": 8}
+    starts = [json.loads(line) for line in log.read_text().splitlines()]
+    ends = {e["pid"]: e["t"] for e in map(json.loads, Path(f"{log}.ends").read_text().splitlines())}
+    spans = [(s["t"], ends[s["pid"]], set(s["gpus"].split(","))) for s in starts]
+    wanted = {c.dir_name: c.num_gpus for c in cells}
+    assert sorted(len(set(s["gpus"].split(","))) - wanted[Path(s["out"]).name] for s in starts) == [0] * 8
+    assert all(gpus <= {"5", "7", "9"} for _, _, gpus in spans)
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping  # cells ran at the same time...
+    assert all(not (a[2] & b[2]) for a, b in overlapping)  # ...never on the same GPU
+    assert len(read_recorded(tmp_path / "out")) == 8
+
+
+def test_a_cell_needing_more_gpus_than_devices_is_an_error(tmp_path, fake):
+    from fmsaccel_cli.bench.matrix import BenchError
+
+    run_prefix, _ = fake
+    path = tmp_path / "scenarios.yaml"
+    path.write_text(SCENARIOS)
+    cells, _ = expand(load_scenarios(path), {"max_steps": 3}, effective_batch_sizes=[4], num_gpus=[2])
+    with pytest.raises(BenchError, match="needs 2 GPUs; --devices gives 1 \\(0\\)"):
+        run_matrix(cells, tmp_path / "out", run_prefix=run_prefix, devices=["0"], show_progress=False)
+
+
+def test_sigterm_stops_every_cell_running_side_by_side(tmp_path, fake):
+    run_prefix, log = fake
+    path = tmp_path / "scenarios.yaml"
+    path.write_text(SCENARIOS.replace("[ok-fast, oom, crash, hang-once, ok-slow]", "[hang, hang-once]"))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fmsaccel_cli.bench.cli", "--matrix", str(path), "--effective-batch-size", "4",
+               "--out", str(out), "--devices", "0,1"]
+    env = {**os.environ, "FMSACCEL_BENCH_RUN_CMD": " ".join(run_prefix), "FAKE_HANG": "1"}
+    bench = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: {"hang", "hang-once"} <= set(_starts(log)))  # both hanging cells are running
+        pids = [json.loads(line)["pid"] for line in log.read_text().splitlines() if '"hang' in line]
+        bench.send_signal(signal.SIGTERM)
+        output, _ = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 130, output
+    for pid in pids:
+        _wait_for(lambda pid=pid: not _alive(pid), timeout=15)
+    assert [r["model_name_or_path"] for r in read_recorded(out)] == ["ok-slow"]  # the stopped cells: unrecorded

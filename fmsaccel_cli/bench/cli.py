@@ -90,6 +90,10 @@ def bench(
     sets: list[str] | None = typer.Option(
         None, "--set", help="Override an argument in every cell, key=value (YAML value); repeatable."
     ),
+    devices: list[str] | None = typer.Option(
+        None, "--devices", help="GPUs to run cells side by side on, each cell on its own num_gpus of them "
+        f"(CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3. Default: one cell at a time. {LIST_HELP}"
+    ),
     out: Path = typer.Option(Path("outputs/bench"), "--out", help="Results folder."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds before a cell is stopped and recorded."),
     resume: bool = typer.Option(False, "--resume", help="Continue --out, skipping cells already recorded."),
@@ -123,7 +127,7 @@ def bench(
             _print_cells(console, cells, default_run_prefix(), out)
             return
         summary = run_matrix(cells, out, timeout_s=timeout, resume=resume, retry_failed=retry_failed,
-                             console=console)
+                             console=console, devices=_split(devices) or None)
     except BenchError as e:
         raise _fail(console, e) from None
     except KeyboardInterrupt:

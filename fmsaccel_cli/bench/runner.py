@@ -151,10 +151,14 @@ def run_cell(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     kill_grace_s: float = KILL_GRACE_S,
     exit_grace_s: float = EXIT_GRACE_S,
+    env: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
 ) -> CellOutcome:
     """Run one cell, teeing its output to ``cell_dir/output.log``; classify how it ended.
 
     Once the run has written its results, it gets ``exit_grace_s`` to exit before its process group is stopped.
+    ``env`` adds to the cell's environment (its GPUs); ``stop`` set from another thread ends the cell unrecorded,
+    as Ctrl-C does.
     """
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "command.sh").write_text(shlex.join(command) + "\n")
@@ -170,7 +174,7 @@ def run_cell(
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         errors="replace", bufsize=1, process_group=0, preexec_fn=_die_with_parent if linux else None,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -185,6 +189,8 @@ def run_cell(
     try:
         with open(cell_dir / "output.log", "w") as log:
             while True:
+                if stop is not None and stop.is_set():
+                    raise BenchInterrupted("the bench is stopping")
                 now = time.monotonic()
                 if now >= next_results_check:  # a stat twice a second, however fast the output comes
                     next_results_check = now + 0.5
@@ -371,8 +377,13 @@ def run_matrix(
     run_prefix: list[str] | None = None,
     console=None,
     show_progress: bool = True,
+    devices: list[str] | None = None,
 ) -> BenchSummary:
-    """Run every cell not yet recorded; rows are written as each cell ends."""
+    """Run every cell not yet recorded; rows are written as each cell ends.
+
+    With ``devices`` (GPU ids) cells run side by side, each given its ``num_gpus`` of them through
+    ``CUDA_VISIBLE_DEVICES``, starting in matrix order as GPUs free up; without, one at a time on what is visible.
+    """
     from rich.console import Console
 
     console = console or Console()
@@ -387,10 +398,16 @@ def run_matrix(
     done = {r.get("cell_id") for r in rows if not retry_failed or r.get("status") == "ok"}
     todo = [c for c in cells if c.cell_id not in done]
     skipped = len(cells) - len(todo)
+    if devices:
+        too_big = [c for c in todo if c.num_gpus > len(devices)]
+        if too_big:
+            raise BenchError(f"cell {too_big[0].cell_id.split('#')[0]} needs {too_big[0].num_gpus} GPUs; --devices "
+                             f"gives {len(devices)} ({','.join(devices)})")
     if skipped:
         console.print(f"resume: {skipped} of {len(cells)} cells already recorded in {out_dir}", markup=False)
     prefix = run_prefix or default_run_prefix()
     statuses: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()  # rows, the results files and the counters, when cells end side by side
 
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -398,29 +415,73 @@ def run_matrix(
     try:
         with _progress(console, show_progress) as progress:
             matrix_task = progress.add_task("matrix", total=len(todo), tps="")
-            for i, cell in enumerate(todo, 1):
+
+            def run_one(i: int, cell: Cell, env: dict[str, str] | None = None,
+                        stop: threading.Event | None = None) -> None:
+                nonlocal rows
                 cell_dir = out_dir / CELLS_DIR / cell.dir_name
                 command = cell.command(prefix, cell_dir)
-                label = f"[{i}/{len(todo)}] {cell.cell_id.split('#')[0]}"
+                where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env else ""
+                label = f"[{i}/{len(todo)}] {cell.cell_id.split('#')[0]}{where}"
                 step_task = progress.add_task(label, total=None, tps="")
 
-                def on_progress(event: dict[str, Any], task=step_task) -> None:
+                def on_progress(event: dict[str, Any]) -> None:
                     tps = event.get("tokens_per_second")
-                    progress.update(task, completed=event.get("step", 0), total=event.get("max_steps"),
+                    progress.update(step_task, completed=event.get("step", 0), total=event.get("max_steps"),
                                     tps=f"{tps:,.0f} tok/s" if tps else "")
 
-                outcome = run_cell(command, cell_dir, timeout_s, on_progress)
-                progress.remove_task(step_task)
-                rows = [r for r in rows if r.get("cell_id") != cell.cell_id]
-                rows.append(cell_row(cell, outcome, cell_dir, command))
-                write_results(out_dir, rows)
-                statuses[outcome.status] += 1
-                progress.advance(matrix_task)
-                _print_outcome(console, label, outcome)
+                try:
+                    outcome = run_cell(command, cell_dir, timeout_s, on_progress, env=env, stop=stop)
+                finally:
+                    progress.remove_task(step_task)
+                row = cell_row(cell, outcome, cell_dir, command)
+                with lock:
+                    rows = [r for r in rows if r.get("cell_id") != cell.cell_id] + [row]
+                    write_results(out_dir, rows)
+                    statuses[outcome.status] += 1
+                    progress.advance(matrix_task)
+                    _print_outcome(console, label, outcome)
+
+            if devices:
+                _side_by_side(todo, devices, run_one)
+            else:
+                for i, cell in enumerate(todo, 1):
+                    run_one(i, cell)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return BenchSummary(len(todo), skipped, dict(statuses), out_dir)
+
+
+def _side_by_side(todo: list[Cell], devices: list[str], run_one: Callable) -> None:
+    """Start cells in order as soon as enough of ``devices`` are free; on Ctrl-C / SIGTERM stop them all."""
+    free = list(devices)
+    running: dict[threading.Thread, list[str]] = {}
+    stop = threading.Event()
+
+    def work(i: int, cell: Cell, mine: list[str]) -> None:
+        try:
+            run_one(i, cell, {"CUDA_VISIBLE_DEVICES": ",".join(mine)}, stop)
+        except BenchInterrupted:
+            pass  # stopped with the bench: not recorded
+
+    pending = collections.deque(enumerate(todo, 1))
+    try:
+        while pending or running:
+            while pending and len(free) >= pending[0][1].num_gpus:
+                i, cell = pending.popleft()
+                mine, free[:] = free[: cell.num_gpus], free[cell.num_gpus :]
+                thread = threading.Thread(target=work, args=(i, cell, mine), daemon=True)
+                running[thread] = mine
+                thread.start()
+            time.sleep(0.2)  # the main thread stays free to receive Ctrl-C / SIGTERM
+            for thread in [t for t in running if not t.is_alive()]:
+                free.extend(running.pop(thread))
+    except BaseException:
+        stop.set()
+        for thread in running:
+            thread.join()
+        raise
 
 
 def _print_outcome(console, label: str, outcome: CellOutcome) -> None:
