@@ -20,7 +20,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 [ -n "${NO_SETUP:-}" ] || source benchmarks/gpu/setup_device.sh || exit 1
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-4}
-RUNS=/tmp/moe-e2e-runs
+RUNS=${RUNS:-/tmp/moe-e2e-runs-$(echo "${MODELS:-all}-${METHODS:-all}-${EP:-0}" | tr ' ' _)}  # one per selection:
+# two selections can run side by side on different GPUs, each with its own OUT:
+#   CUDA_VISIBLE_DEVICES=2 MODELS=mixtral bash benchmarks/gpu/run_moe_e2e.sh $OUT/mixtral &
 rm -rf "$RUNS" && mkdir -p "$RUNS"
 
 shape_of() {  # the built-in shape behind a short model name (MODEL=granite:tiny-granitemoe overrides)
