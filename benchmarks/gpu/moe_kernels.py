@@ -35,6 +35,7 @@ project's requirements: torch, triton, transformers):
     python benchmarks/gpu/moe_kernels.py                 # CSV -> $OUT/moe_kernels.csv
     python benchmarks/gpu/moe_kernels.py --out DIR       # CSV -> DIR/moe_kernels.csv
     python benchmarks/gpu/moe_kernels.py --tokens 4096 --shapes mixtral-8x7b
+    python benchmarks/gpu/moe_kernels.py --tokens 1024 2048 8192   # where the backends cross over
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for moe_kernels.csv")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192],
+                        help="token counts to time (an R step of workload R holds about 1,000-2,000)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -257,11 +259,12 @@ def main() -> int:
     print_table(checks, ["shape", "dtype", "out_err", "ok"])
     rows = list(checks)
     for name in args.shapes:
-        print(f"\nMoE block {name} ({SHAPES[name]}), {args.tokens} tokens, bf16, forward+backward:")
-        bench = bench_shape(name, SHAPES[name], args.tokens, default)
-        print_table(bench, ["impl", "fwd_ms", "fwd_bwd_ms", "tokens_per_s", "speedup_vs_hf_default", "peak_mib",
-                            "saved_mib", "out_err", "grad_err", "ok", "note"])
-        rows += bench
+        for tokens in args.tokens:
+            print(f"\nMoE block {name} ({SHAPES[name]}), {tokens} tokens, bf16, forward+backward:")
+            bench = bench_shape(name, SHAPES[name], tokens, default)
+            print_table(bench, ["impl", "fwd_ms", "fwd_bwd_ms", "tokens_per_s", "speedup_vs_hf_default", "peak_mib",
+                                "saved_mib", "out_err", "grad_err", "ok", "note"])
+            rows += bench
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
