@@ -495,34 +495,32 @@ def _record_router_logits(model) -> None:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
     except ImportError:  # another transformers: its models record what they declare
         return
-    patched: dict[str, str] = {}
-    for module in model.modules():
-        can_record = getattr(type(module), "_can_record_outputs", None)
-        if not isinstance(can_record, dict) or "router_logits" in can_record:
-            continue
-        routers = [m for m in module.modules() if type(m).__name__.endswith("TopKRouter")]
-        if not routers:
-            continue
-        router = routers[0]
-        weight = router.weight
-        with torch.no_grad():
-            outputs = router(torch.zeros(1, weight.shape[-1], dtype=weight.dtype, device=weight.device))
-        index = next((i for i, t in enumerate(outputs) if torch.is_tensor(t) and t.is_floating_point()
-                      and t.shape[-1] == weight.shape[0]), None)  # [tokens, num_experts]: the logits
-        if index is None:
-            log(f"warning: {type(router).__name__} returns no [tokens, experts] logits: the load-balancing loss "
-                "cannot be computed for this model")
-            continue
-        recorder = {"router_logits": OutputRecorder(type(router), index=index)}
+    router = next((m for m in model.modules() if type(m).__name__.endswith("TopKRouter")), None)
+    lacking = [m for m in model.modules()  # the model classes around the router that declare no router logits
+               if isinstance(getattr(type(m), "_can_record_outputs", None), dict)
+               and "router_logits" not in type(m)._can_record_outputs
+               and any(sub is router for sub in m.modules())] if router is not None else []
+    if not lacking:
+        return
+    weight = router.weight
+    with torch.no_grad():
+        outputs = router(torch.zeros(1, weight.shape[-1], dtype=weight.dtype, device=weight.device))
+    index = next((i for i, t in enumerate(outputs) if torch.is_tensor(t) and t.is_floating_point()
+                  and t.shape[-1] == weight.shape[0]), None)  # [tokens, num_experts]: the logits
+    if index is None:
+        log(f"warning: {type(router).__name__} returns no [tokens, experts] logits: the load-balancing loss "
+            "cannot be computed for this model")
+        return
+    recorder = {"router_logits": OutputRecorder(type(router), index=index)}
+    for module in lacking:
+        declared = type(module)._can_record_outputs
         if type(_CAN_RECORD_REGISTRY) is dict:  # 5.17: keyed on the class name
             key = str(type(module))
-            _CAN_RECORD_REGISTRY[key] = {**(_CAN_RECORD_REGISTRY.get(key) or can_record), **recorder}
+            _CAN_RECORD_REGISTRY[key] = {**(_CAN_RECORD_REGISTRY.get(key) or declared), **recorder}
         else:  # later releases key it on the model
-            _CAN_RECORD_REGISTRY[module] = {**(_CAN_RECORD_REGISTRY.get(module) or can_record), **recorder}
-        patched[type(module).__name__] = f"output {index} of {type(router).__name__}"
-    if patched:
-        log(f"{' and '.join(patched)} did not record router logits: now recording "
-            f"{', '.join(sorted(set(patched.values())))} (for the load-balancing loss)")
+            _CAN_RECORD_REGISTRY[module] = {**(_CAN_RECORD_REGISTRY.get(module) or declared), **recorder}
+    log(f"{' and '.join(type(m).__name__ for m in lacking)} did not record router logits: now recording output "
+        f"{index} of {type(router).__name__} (for the load-balancing loss)")
 
 
 def _has_flash_attn() -> bool:
