@@ -4,6 +4,7 @@ A recipe (or ``--set distributed.strategy=fsdp``) picks how ``--nproc-per-node N
 
     distributed:
       strategy: ddp                     # ddp (default) or fsdp
+      gather_step_metrics: false        # gather TRL's per-micro-batch metrics over ranks in every micro-step
       fsdp:                             # read only with strategy fsdp
         sharding: full_shard            # full_shard | shard_grad_op
         cpu_ram_efficient_loading: true # rank 0's weights are broadcast into the sharded model
@@ -22,6 +23,13 @@ A recipe (or ``--set distributed.strategy=fsdp``) picks how ``--nproc-per-node N
   adapter. ``gradient_checkpointing: true`` becomes FSDP's own activation checkpointing (both at once
   would checkpoint twice) unless ``activation_checkpointing: false`` keeps transformers' (under FSDP2
   it costs no second all-gather: a layer recomputed in the backward finds its parameters gathered).
+
+TRL gathers its per-micro-batch metrics (entropy, token accuracy, token count) over all ranks in every
+micro-step, between forward and backward, and reads them on the host: a cross-rank wait per micro-step at which
+every rank idles until the slowest arrives. On launch-bound steps (short padding-free rows) that wait is a large
+part of the step, so by default each rank keeps its own metrics (``rank_local_metrics``); the logged entropy and
+accuracy are then rank 0's, and ``num_tokens`` counts rank 0's tokens. The loss, its logging and the gradients are
+untouched. ``gather_step_metrics: true`` restores TRL's behaviour.
 
 Launch-time checks (``check``) turn every combination that cannot work into one line before any process
 starts; ``verify`` refuses a run where accelerate left FSDP off (it does on CPUs). ``reduce_metrics``
@@ -53,7 +61,9 @@ FSDP_KEYS = {
                                 "gradient_checkpointing",
     "offload_params": "keep parameter shards (and their gradients) in CPU memory",
 }
-TOP_KEYS = {"strategy": "ddp or fsdp", "fsdp": "FSDP options (strategy fsdp only)"}
+TOP_KEYS = {"strategy": "ddp or fsdp", "fsdp": "FSDP options (strategy fsdp only)",
+            "gather_step_metrics": "gather TRL's per-micro-batch metrics over ranks in every micro-step (false: "
+                                   "each rank logs its own, without a cross-rank wait mid-step)"}
 MOE_PATH = "training.moe.scattermoe"
 BNB_PATH = "peft.quantization.bitsandbytes"
 GPTQ_PATH = "peft.quantization.auto_gptq"
@@ -66,6 +76,7 @@ class Settings:
     cpu_ram_efficient_loading: bool = True
     activation_checkpointing: bool | None = None
     offload_params: bool = False
+    gather_step_metrics: bool = False
 
     @property
     def fsdp(self) -> bool:
@@ -84,6 +95,9 @@ def settings(args: dict[str, Any], source: str = "arguments") -> Settings:
     if strategy not in STRATEGIES:
         raise RecipeError(f"{source}: distributed.strategy = {strategy!r} is not one of: "
                           f"{', '.join(STRATEGIES)}{closest(strategy, STRATEGIES)}")
+    gather = section.get("gather_step_metrics", False)
+    if not isinstance(gather, bool):
+        raise RecipeError(f"{source}: distributed.gather_step_metrics = {gather!r} must be true or false")
     fsdp = section.get("fsdp") or {}
     if not isinstance(fsdp, dict):
         raise RecipeError(f"{source}: distributed.fsdp must be a mapping of FSDP options (got {fsdp!r})")
@@ -102,7 +116,7 @@ def settings(args: dict[str, Any], source: str = "arguments") -> Settings:
     return Settings(strategy=strategy, sharding=sharding,
                     cpu_ram_efficient_loading=fsdp.get("cpu_ram_efficient_loading", True),
                     activation_checkpointing=fsdp.get("activation_checkpointing"),
-                    offload_params=fsdp.get("offload_params", False))
+                    offload_params=fsdp.get("offload_params", False), gather_step_metrics=gather)
 
 
 def _unknown_keys(section: dict, known: dict[str, str], prefix: str, source: str) -> None:
@@ -262,6 +276,9 @@ def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
     torch.manual_seed(int(ctx.args.get("seed", 42)))
     dist = settings(ctx.args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.gather_step_metrics:
+        ctx.report.note("distributed", "TRL's per-micro-batch metrics (entropy, token accuracy, num_tokens) are each "
+                                       "rank's own, not gathered in every micro-step (distributed.gather_step_metrics)")
     if not dist.fsdp:
         if world > 1:
             ctx.report.note("distributed", f"DDP over {world} processes"
@@ -288,6 +305,23 @@ def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
     if plugin_args.get("activation_checkpointing"):
         ctx.report.note("distributed", "FSDP activation checkpointing per decoder layer (replaces transformers' "
                                        "gradient checkpointing; foak's selective checkpointing does not apply)")
+
+
+@contextlib.contextmanager
+def rank_local_metrics(trainer, args: dict[str, Any]):
+    """Within a training micro-step, TRL's ``gather_for_metrics`` returns this rank's tensor instead of gathering.
+
+    The gather is for logging only; the loss and gradients never pass through it. Evaluation still gathers.
+    """
+    accelerator = trainer.accelerator
+    if accelerator.num_processes == 1 or not trainer.model.training or settings(args).gather_step_metrics:
+        yield
+        return
+    accelerator.gather_for_metrics = lambda tensor, *_, **__: tensor  # shadows the method on this instance
+    try:
+        yield
+    finally:
+        del accelerator.gather_for_metrics
 
 
 def verify(trainer, ctx) -> None:

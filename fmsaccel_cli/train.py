@@ -385,6 +385,10 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     signal.signal(signal.SIGTERM, lambda *_: setattr(metrics, "stop_requested", True))
 
     class Trainer(SFTTrainer):
+        def compute_loss(self, *a, **kw):
+            with distributed.rank_local_metrics(self, args):
+                return super().compute_loss(*a, **kw)
+
         def training_step(self, *a, **kw):
             loss = super().training_step(*a, **kw)
             metrics.record_loss(loss)

@@ -45,11 +45,57 @@ def test_settings_defaults():
     ({"stratgy": "fsdp"}, "did you mean 'strategy'"),
     ({"strategy": "fsdp", "fsdp": {"sharding": "hybrid_shard"}}, "FSDP1-only"),
     ({"strategy": "fsdp", "fsdp": {"offload_params": "yes"}}, "must be true or false"),
+    ({"gather_step_metrics": "no"}, "gather_step_metrics = 'no' must be true or false"),
+    ({"gather_metrics": True}, "did you mean 'gather_step_metrics'"),
     ("fsdp", "must be a mapping such as {strategy: fsdp}"),
 ])
 def test_settings_errors_name_the_key(section, message):
     with pytest.raises(RecipeError, match=message):
         distributed.settings({"distributed": section}, "my.yaml")
+
+
+class _Accelerator:
+    def __init__(self, num_processes: int):
+        self.num_processes = num_processes
+        self.gathered = 0
+
+    def gather_for_metrics(self, tensor):
+        self.gathered += 1
+        return tensor.repeat(self.num_processes)
+
+
+def _trainer(num_processes: int, training: bool = True):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(accelerator=_Accelerator(num_processes), model=SimpleNamespace(training=training))
+
+
+@pytest.mark.parametrize("num_processes, training, sets, local", [
+    (2, True, {}, True),  # DDP training: TRL's metrics stay on the rank, no cross-rank wait mid-step
+    (2, True, {"distributed": {"gather_step_metrics": True}}, False),  # TRL's behaviour, on request
+    (2, False, {}, False),  # evaluation gathers as always
+    (1, True, {}, False),  # one process: nothing to gather, nothing changed
+])
+def test_trl_step_metrics_stay_on_the_rank_under_ddp(num_processes, training, sets, local):
+    import torch
+
+    trainer = _trainer(num_processes, training)
+    value = torch.tensor(3.0)
+    with distributed.rank_local_metrics(trainer, sets):
+        result = trainer.accelerator.gather_for_metrics(value)
+    assert (result.shape == () and trainer.accelerator.gathered == 0) if local else \
+        (result.shape == (num_processes,) and trainer.accelerator.gathered == 1)
+    # the instance's own method is back afterwards
+    assert trainer.accelerator.gather_for_metrics(value).shape == (num_processes,)
+
+
+def test_rank_local_metrics_restores_the_gather_after_an_error():
+    import torch
+
+    trainer = _trainer(2)
+    with pytest.raises(RuntimeError), distributed.rank_local_metrics(trainer, {}):
+        raise RuntimeError("boom")
+    assert trainer.accelerator.gather_for_metrics(torch.tensor(1.0)).shape == (2,)
 
 
 # ---------------------------------------------------------------------------------------------- SFTConfig
@@ -235,6 +281,7 @@ def test_ddp_two_processes_match_one(tmp_path, single_process):
     many, stdout = _run(QLORA, tmp_path, "per_device_train_batch_size=4", nproc=2)
     _same_losses(many, one)
     assert many["world_size"] == 2 and "DDP over 2 processes, find_unused_parameters off" in stdout
+    assert "TRL's per-micro-batch metrics (entropy, token accuracy, num_tokens) are each rank's own" in stdout
     # tokens/s counts every rank: the same global batches hold the same tokens
     assert many["measured_tokens"] == one["measured_tokens"] > 0
     total = many["measured_tokens"] / many["measured_seconds"]

@@ -15,7 +15,9 @@
 # FSDP run that keeps transformers' gradient checkpointing (activation_checkpointing: false) for comparison;
 # FMSACCEL_MEMORY=1 adds each run's allocations alive at its peak memory to log_tails.txt; ONLY="gptq-ddp2 qlora-fsdp2"
 # runs just those 2-GPU runs (with the 1-GPU references of KINDS); EXTRA_SET="key=value ..." adds --set options to every run;
-# FMSACCEL_PROFILE=1 copies each run's profile (rank 0) to $OUT/profile-NAME.txt.
+# FMSACCEL_PROFILE=1 copies each run's profile (rank 0) to $OUT/profile-NAME.txt. REF=0 skips the 1-GPU run with 2
+# accumulation steps (the loss reference); SETUPS with ddpg adds DDP runs that gather TRL's metrics in every micro-step
+# (distributed.gather_step_metrics: true, TRL's own behaviour) beside the default ones, which keep them per rank.
 set -u
 START=$(date +%s)
 OUT=${OUT:-${1:-/tmp/multi-gpu-out}}
@@ -69,10 +71,13 @@ one_gpu_runs() {  # one_gpu_runs SUFFIX BATCH [--set ...]: the 1-GPU run of ever
   done
   wait "${pids[@]}"
 }
-one_gpu_runs 1gpu 4 --set gradient_accumulation_steps=2
+[ "${REF:-1}" = 1 ] && one_gpu_runs 1gpu 4 --set gradient_accumulation_steps=2
 wanted b4 && one_gpu_runs 1gpu-b4 4
 for kind in $KINDS; do
   wanted ddp && in_budget "$kind-ddp2" && run "$kind-ddp2" "$kind" 2 4
+done
+for kind in $KINDS; do  # ddpg: DDP with TRL's per-micro-step metric gathers (its own behaviour), for comparison
+  wanted ddpg && in_budget "$kind-ddpg2" && run "$kind-ddpg2" "$kind" 2 4 --set distributed.gather_step_metrics=true
 done
 for kind in $KINDS; do
   wanted fsdp && in_budget "$kind-fsdp2" && run "$kind-fsdp2" "$kind" 2 4 --set distributed.strategy=fsdp
@@ -141,17 +146,18 @@ reference = {r["kind"]: r for r in rows if r["setup"] == "1gpu" and r["status"] 
 one_pass = {r["kind"]: r for r in rows if r["setup"] == "1gpu-b8" and r["status"] == "ok"}
 per_gpu = {r["kind"]: r for r in rows if r["setup"] == "1gpu-b4" and r["status"] == "ok"}
 for r in rows:
-    ref = reference.get(r["kind"])
+    ref = reference.get(r["kind"]) or per_gpu.get(r["kind"])  # REF=0: memory against the one micro-batch of 4
     if r["status"] != "ok" or ref is None or r["setup"].startswith("1gpu"):
         continue
     if r["kind"] in one_pass and one_pass[r["kind"]]["peak_mem_gib"]:
         r["mem_vs_1gpu_b8"] = round(r["peak_mem_gib"] / one_pass[r["kind"]]["peak_mem_gib"], 3)
-    r["scaling_vs_1gpu"] = round(r["tokens_per_s_total"] / ref["tokens_per_s_total"], 3)
+    if r["kind"] in reference:
+        r["scaling_vs_1gpu"] = round(r["tokens_per_s_total"] / ref["tokens_per_s_total"], 3)
+        pairs = list(zip(r["losses"], ref["losses"], strict=True)) if len(r["losses"]) == len(ref["losses"]) else []
+        r["max_loss_rel_diff"] = round(max(abs(a - b) / abs(b) for a, b in pairs), 4) if pairs else None
     if r["kind"] in per_gpu:  # the same micro-batch per GPU and optimizer step as each rank
         r["scaling_vs_1gpu_b4"] = round(r["tokens_per_s_total"] / per_gpu[r["kind"]]["tokens_per_s_total"], 3)
     r["mem_vs_1gpu"] = round(r["peak_mem_gib"] / ref["peak_mem_gib"], 3) if ref["peak_mem_gib"] else None
-    pairs = list(zip(r["losses"], ref["losses"], strict=True)) if len(r["losses"]) == len(ref["losses"]) else []
-    r["max_loss_rel_diff"] = round(max(abs(a - b) / abs(b) for a, b in pairs), 4) if pairs else None
     scaling = " ".join(f"{key.removeprefix('scaling_vs_')}:{'ok' if r[key] >= 1.8 else 'MISSED'}"
                        for key in ("scaling_vs_1gpu", "scaling_vs_1gpu_b4") if key in r)
     r["targets"] = (f"scaling>=1.8 {scaling}"
