@@ -447,6 +447,7 @@ def training_argument_types() -> dict[str, tuple[type, ...] | None]:
     import json
     from importlib import metadata
 
+    from .files import atomic_write
     from .models import cache_root
 
     try:
@@ -462,9 +463,8 @@ def training_argument_types() -> dict[str, tuple[type, ...] | None]:
         if versions and all(v is None or all(t.__name__ in _SIMPLE_BY_NAME for t in v) for v in out.values()):
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-                tmp.write_text(json.dumps({k: None if v is None else [t.__name__ for t in v] for k, v in out.items()}))
-                os.replace(tmp, cached)
+                atomic_write(cached, json.dumps({k: None if v is None else [t.__name__ for t in v]
+                                                 for k, v in out.items()}))
             except OSError:
                 pass  # a read-only cache only costs the import next time
     out.update({k: None for k in EXTRA_ARGUMENTS})

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
 from .matrix import NO_PLUGIN, BenchError, Cell
 
 RUN_CMD_ENV = "FMSACCEL_BENCH_RUN_CMD"
@@ -311,16 +312,6 @@ def _csv_cell(value: Any) -> Any:
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
     return value
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it: a killed writer leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_results(out_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -302,13 +302,19 @@ def flash_attn_packed(query, key, value, packing: Packing, scaling: float | None
     return out[None]
 
 
-NO_DROPOUT = ("varlen", "flex")
+@dataclass(frozen=True)
+class PackedBackend:
+    """A packed-attention kernel, and whether it takes attention dropout (those that don't refuse it on every row)."""
 
-PACKED_BACKENDS: dict[str, Callable] = {
-    "flash_attn": flash_attn_packed,
-    "varlen": varlen_attention_packed,
-    "flex": flex_attention_packed,
-    "sdpa_masked": sdpa_masked_attention,
+    fn: Callable
+    supports_dropout: bool
+
+
+PACKED_BACKENDS: dict[str, PackedBackend] = {
+    "flash_attn": PackedBackend(flash_attn_packed, supports_dropout=True),
+    "varlen": PackedBackend(varlen_attention_packed, supports_dropout=False),
+    "flex": PackedBackend(flex_attention_packed, supports_dropout=False),
+    "sdpa_masked": PackedBackend(sdpa_masked_attention, supports_dropout=True),
 }
 
 
@@ -390,7 +396,8 @@ def make_attention_forward(backend: str, strict: bool = True) -> Callable:
     (CPU tensors for a CUDA kernel, fp32 for a half-only kernel) take the masked path
     with a one-time warning; ``strict=True`` makes that an error.
     """
-    packed_fn = PACKED_BACKENDS[backend]
+    packed = PACKED_BACKENDS[backend]
+    packed_fn = packed.fn
     if backend == "varlen" and backend_unavailable_reason("varlen", "cuda") is None:
         # resolved here, eagerly: inside a compiled layer (foak's compile_layers) the signature inspection it
         # does would be traced on every compilation
@@ -411,7 +418,7 @@ def make_attention_forward(backend: str, strict: bool = True) -> Callable:
             raise PluginError(f"an example of {packing.max_length} tokens exceeds the sliding window "
                                       f"({window}); padding-free attention has no sliding-window support")
         rows = equal_length_rows(packing, query.shape[2])
-        if rows is not None and not (dropout and backend in NO_DROPOUT):  # (those refuse dropout on every row)
+        if rows is not None and (packed.supports_dropout or not dropout):  # (the others refuse it on every row)
             return sdpa_equal_length_attention(query, key, value, rows, scaling, dropout), None
         fn = packed_fn
         # (not asked inside a compiled layer: importlib's checks cannot be traced, and the plugin chose the

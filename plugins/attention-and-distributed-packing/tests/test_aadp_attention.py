@@ -226,8 +226,8 @@ def test_examples_of_one_length_run_as_a_dense_batch(lengths, dense, monkeypatch
     q, k, v, batch = _packed_qkv(lengths)
     kwargs = {k_: batch[k_] for k_ in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
     packed_calls = []
-    monkeypatch.setitem(A.PACKED_BACKENDS, "sdpa_masked",
-                        lambda *a: packed_calls.append(1) or A.sdpa_masked_attention(*a))
+    monkeypatch.setitem(A.PACKED_BACKENDS, "sdpa_masked", A.PackedBackend(
+        lambda *a: packed_calls.append(1) or A.sdpa_masked_attention(*a), supports_dropout=True))
     forward = A.make_attention_forward("sdpa_masked")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, _ = forward(torch.nn.Module(), *leaves, None, scaling=0.3, **kwargs)
