@@ -6,6 +6,7 @@ TRL ``SFTTrainer`` → train → adapter/model, tokenizer and ``metrics.json``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -166,6 +167,10 @@ class RunMetrics(TrainerCallback):
     (scheduler, zero_grad, this callback's progress line, which waits for the GPU) and
     ``between_steps`` (the trainer's logging, which gathers the loss over ranks, and the next
     batch). On launch-bound steps it shows where a multi-GPU step waits that a 1-GPU one does not.
+
+    ``step_times``: each step's host wall time, warm-up steps included, with the seconds the Python
+    garbage collector paused it (``gc_seconds``): one slow step in a short benchmark (a compile for a
+    new shape, a full collection) moves its tokens/s, and these show which step and why.
     """
 
     STEP_PHASES = ("forward_backward", "optimizer", "step_end", "between_steps")
@@ -182,6 +187,18 @@ class RunMetrics(TrainerCallback):
         self.step_marks: dict[str, float] = {}  # host timestamps of the current step's callbacks
         self.step_phase_totals = dict.fromkeys(self.STEP_PHASES, 0.0)
         self.timed_steps = 0
+        self.step_times: list[float] = []
+        self.gc_seconds: list[float] = []  # per step, beside step_times
+        self._gc_pause = 0.0
+        self._gc_started: float | None = None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self._gc_pause += time.perf_counter() - self._gc_started
+            self._gc_started = None
 
     def count_tokens(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -215,6 +232,10 @@ class RunMetrics(TrainerCallback):
         if os.environ.get("FMSACCEL_MEMORY") and torch.cuda.is_available() and self.warmup_steps > 0:
             self.memory_baseline = memory.start_recording()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
     def _mark_warmup_end(self) -> None:
         self._sync()
         self.time_at_warmup = time.perf_counter()
@@ -225,6 +246,7 @@ class RunMetrics(TrainerCallback):
         if self.time_at_warmup is not None and "step_end" in self.step_marks:
             self.step_phase_totals["between_steps"] += now - self.step_marks["step_end"]
         self.step_marks = {"begin": now}
+        self._gc_pause = 0.0
         # FMSACCEL_PROFILE=1: profile the last two warm-up steps (never the measured ones)
         if os.environ.get("FMSACCEL_PROFILE") and state.global_step - self.first_step == self.warmup_steps - 2:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -253,6 +275,9 @@ class RunMetrics(TrainerCallback):
         """Close the step's phases (called last in ``on_step_end``, after this callback's own work)."""
         marks = self.step_marks
         marks["step_end"] = time.perf_counter()
+        if "begin" in marks:
+            self.step_times.append(round(marks["step_end"] - marks["begin"], 4))
+            self.gc_seconds.append(round(self._gc_pause, 4))
         if measured and {"begin", "pre_optimizer", "optimizer"} <= marks.keys():
             self.step_phase_totals["forward_backward"] += marks["pre_optimizer"] - marks["begin"]
             self.step_phase_totals["optimizer"] += marks["optimizer"] - marks["pre_optimizer"]
@@ -461,6 +486,8 @@ def _result(cfg, args, framework, ctx, metrics: RunMetrics, train_result) -> dic
         "measured_tokens": int(total_tokens),
         "measured_seconds": measured_time,
         "step_seconds": metrics.step_seconds(),  # this rank's (rank 0's in metrics.json)
+        "step_times": metrics.step_times,  # every step's wall time on this rank, warm-up included
+        "gc_seconds": metrics.gc_seconds,  # of which the garbage collector's pauses
         "train_runtime": train_result.metrics.get("train_runtime"),
         "train_samples_per_second": train_result.metrics.get("train_samples_per_second"),
         "train_steps_per_second": train_result.metrics.get("train_steps_per_second"),

@@ -44,6 +44,11 @@ def test_embedded_default_qlora_trains_and_saves(tmp_path):
     assert list(step) == ["forward_backward", "optimizer", "step_end", "between_steps"] and min(step.values()) >= 0
     assert 0.8 * m["measured_seconds"] <= sum(step.values()) * 38 <= m["measured_seconds"] + 0.05
     assert step["forward_backward"] > step["optimizer"]
+    # every step's own wall time (40 steps, warm-up included), with the garbage collector's share of it
+    assert len(m["step_times"]) == len(m["gc_seconds"]) == 40
+    assert all(0 <= pause <= t for pause, t in zip(m["gc_seconds"], m["step_times"], strict=True))
+    assert sum(m["step_times"][2:]) == pytest.approx(38 * (step["forward_backward"] + step["optimizer"]
+                                                           + step["step_end"]), rel=0.01, abs=0.01)
 
 
 def test_baseline_and_two_processes_on_gloo(tmp_path):

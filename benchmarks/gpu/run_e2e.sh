@@ -8,6 +8,7 @@ START=$(date +%s)
 source benchmarks/gpu/setup_device.sh || exit 1
 python3 -c "from fmsaccel_cli.models import materialize; print(materialize('llama3-8b'))" 2>&1 | tail -1
 export FMSACCEL_PROFILE=1
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}  # a recompile in the measured steps shows in the logs, with its guard
 VARIANT_TIMEOUT=${VARIANT_RECIPES:+${VARIANT_TIMEOUT:-150}}  # kept for the variant matrix, when there is one
 LEFT=$(( ${CALL_S:-590} - ($(date +%s) - START) - 20 - ${VARIANT_TIMEOUT:-0} ))
 BENCH_TIMEOUT=$(( ${BENCH_TIMEOUT:-$LEFT} < LEFT ? ${BENCH_TIMEOUT:-$LEFT} : LEFT ))
@@ -18,6 +19,8 @@ timeout ${BENCH_TIMEOUT} fmsaccel bench --matrix benchmarks/scenarios.yaml --rec
 cp /tmp/bench-$WORKLOAD/results.csv $OUT/results-$WORKLOAD.csv 2>/dev/null
 for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "$f"; done > $OUT/profiles-$WORKLOAD.txt
 for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done > $OUT/logs-$WORKLOAD.txt
+for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done \
+  > $OUT/recompiles-$WORKLOAD.txt
 # Optional second matrix (VARIANT_RECIPES set): the same workload on the same machine with one more setting,
 # VARIANT_SET (default: the flex padding-free backend; e.g. plugins.peft.quantization.fused_ops_and_kernels.fp8_matmul=true
 # or pad_to_multiple_of=256), and VARIANT_ENV="NAME=value ..." in its environment (e.g. TORCHINDUCTOR_CPP_WRAPPER=1)
@@ -29,5 +32,7 @@ if [ -n "${VARIANT_RECIPES:-}" ]; then
   # the variant's cell logs too (a cell that dies before its first step leaves no row, only its log)
   for f in $(find /tmp/bench-$WORKLOAD-variant -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done \
     > $OUT/logs-$WORKLOAD-variant.txt
+  for f in $(find /tmp/bench-$WORKLOAD-variant -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done \
+    > $OUT/recompiles-$WORKLOAD-variant.txt
 fi
 true  # the missing results of a cut matrix are not the script's failure
