@@ -47,7 +47,7 @@ def _row_block(routing: Routing) -> int:
 # ----------------------------------------------------------------------------- expert_mm
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_tiles"])
 def _expert_mm_kernel(
     a_ptr,
     w_ptr,
@@ -357,7 +357,7 @@ def _row_tiles(rows: int, inter: int) -> tuple[int, int, tuple[int]]:
     return block_r, block, (triton.cdiv(rows, block_r),)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _swiglu_kernel(gate_up_ptr, h_ptr, rows, inter, stride_gu, stride_h, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     rs = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     r_mask = rs < rows
@@ -382,7 +382,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _swiglu_backward_kernel(
     gate_up_ptr,
     grad_ptr,

@@ -87,7 +87,7 @@ def _dequantize_kernel(
     tl.store(out_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fused_matmul_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, y_ptr, M, N, K, stride_xm, stride_ym, M_BUCKET,
     GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, ZERO_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -113,7 +113,7 @@ def _fused_matmul_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fused_grad_input_kernel(
     dy_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, dx_ptr, M, N, K, stride_dym, stride_dxm, M_BUCKET,
     GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, ZERO_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,

@@ -16,7 +16,7 @@ from .. import reference
 from ..runtime import can_launch, num_warps, row_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _ce_stats_kernel(
     LOGITS, TARGET, LSE, Z_TARGET, MAX, ENTROPY, n_rows, n_cols, stride, scale, ignore_index,
     HAS_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -50,7 +50,7 @@ def _ce_stats_kernel(
         tl.store(ENTROPY + rows, lse - zs / s, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _ce_grad_kernel(
     LOGITS, GRAD, TARGET, LSE, ROW_SCALE, n_rows, n_cols, stride_l, stride_g, stride_scale, scale, ignore_index,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,

@@ -15,7 +15,7 @@ from .. import reference
 from ..runtime import can_launch, num_warps, row_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_fwd_kernel(
     X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
     GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -37,7 +37,7 @@ def _rms_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, stride_dy, stride_x, stride_dx, rows_per_program,
     GEMMA: tl.constexpr, HAS_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

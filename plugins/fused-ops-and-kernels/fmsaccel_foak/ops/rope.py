@@ -20,7 +20,7 @@ from .. import reference
 from ..runtime import can_launch, notice_once, num_warps, row_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens", "seq_len", "sc_b", "sp_b"])
 def _rope_kernel(
     X, Y, COS, SIN, POS,
     n_tokens, seq_len, n_heads,

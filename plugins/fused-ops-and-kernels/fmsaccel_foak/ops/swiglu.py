@@ -15,7 +15,7 @@ from .. import reference
 from ..runtime import can_launch, num_warps, row_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_fwd_kernel(
     G, U, Y, n_rows, n_cols, stride_g, stride_u, stride_y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
@@ -28,7 +28,7 @@ def _swiglu_fwd_kernel(
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_bwd_kernel(
     DY, G, U, DG, DU, n_rows, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
