@@ -188,6 +188,7 @@ class RunMetrics(TrainerCallback):
         self.step_phase_totals = dict.fromkeys(self.STEP_PHASES, 0.0)
         self.timed_steps = 0
         self.step_times: list[float] = []
+        self.step_token_totals: list[torch.Tensor | None] = []  # the running token count at each step's end
         self.gc_seconds: list[float] = []  # per step, beside step_times
         self._gc_pause = 0.0
         self._gc_started: float | None = None
@@ -278,6 +279,7 @@ class RunMetrics(TrainerCallback):
         if "begin" in marks:
             self.step_times.append(round(marks["step_end"] - marks["begin"], 4))
             self.gc_seconds.append(round(self._gc_pause, 4))
+            self.step_token_totals.append(None if self.tokens is None else self.tokens.detach().clone())
         if measured and {"begin", "pre_optimizer", "optimizer"} <= marks.keys():
             self.step_phase_totals["forward_backward"] += marks["pre_optimizer"] - marks["begin"]
             self.step_phase_totals["optimizer"] += marks["optimizer"] - marks["pre_optimizer"]
@@ -314,6 +316,20 @@ class RunMetrics(TrainerCallback):
                                                        "tokens_per_second": self.throughput()[0], "loss": loss}),
                       flush=True)
         self._time_step(measured=done > self.warmup_steps)
+
+    def median_step_throughput(self) -> float | None:
+        """Tokens/s of the median measured step (this rank): robust to one slow step, which the mean over a
+        short run is not (a padded baseline planning cuDNN attention for a new length, a compile)."""
+        first = self.warmup_steps
+        if len(self.step_token_totals) <= first or any(t is None for t in self.step_token_totals):
+            return None
+        totals = [float(t) for t in self.step_token_totals]  # one sync per step, after training
+        rates = sorted((totals[i] - (totals[i - 1] if i else 0.0)) / self.step_times[i]
+                       for i in range(first, len(totals)) if self.step_times[i] > 0)
+        if not rates:
+            return None
+        mid = len(rates) // 2
+        return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
 
     def throughput(self) -> tuple[float, float, int]:
         if self.time_at_warmup is None or self.tokens is None:
@@ -486,6 +502,7 @@ def _result(cfg, args, framework, ctx, metrics: RunMetrics, train_result) -> dic
         "measured_tokens": int(total_tokens),
         "measured_seconds": measured_time,
         "step_seconds": metrics.step_seconds(),  # this rank's (rank 0's in metrics.json)
+        "train_tokens_per_second_median_step": metrics.median_step_throughput(),  # this rank's
         "step_times": metrics.step_times,  # every step's wall time on this rank, warm-up included
         "gc_seconds": metrics.gc_seconds,  # of which the garbage collector's pauses
         "train_runtime": train_result.metrics.get("train_runtime"),

@@ -45,12 +45,14 @@ def _ours(**changes) -> list[dict]:
     base = {"peft_method": "lora", "model_name_or_path": "mistral-7b", "num_gpus": 1, "per_device_train_batch_size": 4,
             "status": "ok", "train_loss": 0.875, "mem_peak_torch_mem_alloc_in_bytes": 2.0e10}
     rows = [
-        {**base, "framework_config": "baseline-peft-bnb", "train_tokens_per_second": 2800.0},
+        {**base, "framework_config": "baseline-peft-bnb", "train_tokens_per_second": 2800.0,
+         "train_tokens_per_second_median_step": 3000.0},
         # tokens/s down 20%: regression
         {**base, "framework_config": "accelerated-peft-bnb-foak", "train_tokens_per_second": 4000.0 * 0.8,
          "mem_peak_torch_mem_alloc_in_bytes": 1.3e10},
         # tokens/s up 20%: improvement; memory up 15%: regression
         {**base, "framework_config": "accelerated-peft-bnb", "train_tokens_per_second": 3500.0 * 1.2,
+         "train_tokens_per_second_median_step": 4500.0,
          "mem_peak_torch_mem_alloc_in_bytes": 1.5e10 * 1.15, "train_loss": 0.874},
         # within tolerance everywhere
         {**base, "framework_config": "foak-fast-kernels", "train_tokens_per_second": 3700.0 * 1.05,
@@ -95,6 +97,9 @@ def test_baseline_ratios_match_model_batch_and_gpus():
     assert foak["mem_peak_torch_mem_alloc_in_bytes_vs_baseline"] == 0.65
     assert ratios[("accelerated-peft-autogptq", 1)]["train_tokens_per_second_vs_baseline"] is None  # failed cell
     assert ratios[("accelerated-peft-bnb-foak", 2)]["train_tokens_per_second_vs_baseline"] is None  # no baseline
+    # the median measured step's tokens/s, where both rows have it
+    assert ratios[("accelerated-peft-bnb", 1)]["train_tokens_per_second_median_step_vs_baseline"] == 1.5
+    assert foak["train_tokens_per_second_median_step_vs_baseline"] is None
 
 
 def test_baseline_ratios_stay_within_a_device_call():
@@ -238,6 +243,7 @@ def test_report_cli_prints_a_markdown_table_for_a_readme(tmp_path):
     lines = shown.output.splitlines()
     assert lines[0].startswith("| framework_config | peft | model | gpus |") and lines[1].startswith("|:---|")
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[2:]}
-    assert len(rows) == 6 and all(len(r) == 11 for r in rows.values())
-    assert rows["accelerated-peft-bnb"][6:10] == ["4,200", "1.50", "16.07", "0.86"]  # tok/s, vs base, GiB, mem
+    assert len(rows) == 6 and all(len(r) == 12 for r in rows.values())
+    # tok/s, vs base, the median step's vs base, GiB, mem
+    assert rows["accelerated-peft-bnb"][6:11] == ["4,200", "1.50", "1.50", "16.07", "0.86"]
     assert rows["accelerated-peft-autogptq"][5] == "oom"

@@ -23,6 +23,7 @@ from .matrix import BASELINE, NO_PLUGIN, BenchError
 INDEX = ("framework_config", "peft_method", "model_name_or_path", "num_gpus", "per_device_train_batch_size")
 DATA = "training_data_path"
 TPS = "train_tokens_per_second"
+TPS_MEDIAN = "train_tokens_per_second_median_step"  # the median measured step's: one slow step does not move it
 PEAK = "mem_peak_torch_mem_alloc_in_bytes"
 LOSS = "train_loss"
 LEGACY_NAMES = {
@@ -68,7 +69,7 @@ def normalize(row: dict[str, Any]) -> dict[str, Any]:
     for column in INT_COLUMNS:
         number = _number(out.get(column))
         out[column] = int(number) if number is not None else out.get(column)
-    for column in (TPS, PEAK, LOSS, "mem_torch_mem_alloc_in_bytes", "train_runtime"):
+    for column in (TPS, TPS_MEDIAN, PEAK, LOSS, "mem_torch_mem_alloc_in_bytes", "train_runtime"):
         if column in out:
             out[column] = _number(out[column])
     out["model_name_or_path"] = str(out.get("model_name_or_path") or "")
@@ -167,7 +168,7 @@ def add_baseline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row, n in zip(rows, normal, strict=True):
         row = dict(row)
         base = baselines.get(_baseline_key(n))
-        for metric in (TPS, PEAK):
+        for metric in (TPS, TPS_MEDIAN, PEAK):
             ours, theirs = n.get(metric), (base or {}).get(metric)
             ok = n["status"] == "ok" and ours is not None and theirs
             row[f"{metric}_vs_baseline"] = round(ours / theirs, 4) if ok else None
@@ -247,14 +248,16 @@ def _result_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     rows = [normalize(r) for r in add_baseline_ratios(rows)]
     with_data = any(r.get(DATA) for r in rows)
     columns = ["framework_config", "peft", "model"] + (["data"] if with_data else [])
-    columns += ["gpus", "batch/dev", "status", "tok/s/dev", "vs base", "peak GiB", "mem vs base", "loss"]
+    columns += ["gpus", "batch/dev", "status", "tok/s/dev", "vs base", "median step vs base", "peak GiB", "mem vs base",
+                "loss"]
     table = []
     for r in _sorted(rows):
         peak = r.get(PEAK) / GIB if r.get(PEAK) is not None else None
         cells = [r["framework_config"], r["peft_method"] or "-", r["model_name_or_path"]]
         cells += [r.get(DATA) or "-"] if with_data else []
         cells += [str(r.get("num_gpus")), str(r.get("per_device_train_batch_size")), r["status"], _fmt(r.get(TPS)),
-                  _fmt(_number(r.get(f"{TPS}_vs_baseline")), ".2f"), _fmt(peak, ".2f"),
+                  _fmt(_number(r.get(f"{TPS}_vs_baseline")), ".2f"),
+                  _fmt(_number(r.get(f"{TPS_MEDIAN}_vs_baseline")), ".2f"), _fmt(peak, ".2f"),
                   _fmt(_number(r.get(f"{PEAK}_vs_baseline")), ".2f"), _fmt(r.get(LOSS), ".4f")]
         table.append(cells)
     return columns, table
