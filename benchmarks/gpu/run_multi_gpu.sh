@@ -136,6 +136,9 @@ for log in sorted(runs.glob("*.log")):
     rows.append({**row, "status": "ok", "world_size": m["world_size"],
                  "tokens_per_s_total": round(m["train_tokens_per_second_total"], 1),
                  "tokens_per_s_per_gpu": round(m["train_tokens_per_second"], 1),
+                 # rank 0's median measured step, over all ranks (one slow step does not move it)
+                 "median_step_tps_total": round((m.get("train_tokens_per_second_median_step") or 0) * m["world_size"], 1)
+                 or None,
                  "peak_mem_gib": round(m["mem_peak_torch_mem_alloc_in_bytes"] / 2**30, 2),
                  "first_loss": round(m["losses"][0], 4), "final_loss": round(m["losses"][-1], 4),
                  "losses": m["losses"], "adapter_tensors": tensors, "gpu": m["gpu"], "notes": " | ".join(notes),
@@ -156,7 +159,10 @@ for r in rows:
         pairs = list(zip(r["losses"], ref["losses"], strict=True)) if len(r["losses"]) == len(ref["losses"]) else []
         r["max_loss_rel_diff"] = round(max(abs(a - b) / abs(b) for a, b in pairs), 4) if pairs else None
     if r["kind"] in per_gpu:  # the same micro-batch per GPU and optimizer step as each rank
-        r["scaling_vs_1gpu_b4"] = round(r["tokens_per_s_total"] / per_gpu[r["kind"]]["tokens_per_s_total"], 3)
+        b4 = per_gpu[r["kind"]]
+        r["scaling_vs_1gpu_b4"] = round(r["tokens_per_s_total"] / b4["tokens_per_s_total"], 3)
+        if r.get("median_step_tps_total") and b4.get("median_step_tps_total"):
+            r["median_step_scaling_vs_1gpu_b4"] = round(r["median_step_tps_total"] / b4["median_step_tps_total"], 3)
     r["mem_vs_1gpu"] = round(r["peak_mem_gib"] / ref["peak_mem_gib"], 3) if ref["peak_mem_gib"] else None
     scaling = " ".join(f"{key.removeprefix('scaling_vs_')}:{'ok' if r[key] >= 1.8 else 'MISSED'}"
                        for key in ("scaling_vs_1gpu", "scaling_vs_1gpu_b4") if key in r)
@@ -164,7 +170,8 @@ for r in rows:
                     if "ddp" in r["setup"] else
                     "mem<=0.6 " + ("ok" if (r["mem_vs_1gpu"] or 9) <= 0.6 else "MISSED"))
 
-columns = ["run", "status", "tokens_per_s_total", "scaling_vs_1gpu", "scaling_vs_1gpu_b4", "peak_mem_gib", "mem_vs_1gpu", "mem_vs_1gpu_b8",
+columns = ["run", "status", "tokens_per_s_total", "scaling_vs_1gpu", "scaling_vs_1gpu_b4", "median_step_tps_total",
+           "median_step_scaling_vs_1gpu_b4", "peak_mem_gib", "mem_vs_1gpu", "mem_vs_1gpu_b8",
            "first_loss",
            "final_loss", "max_loss_rel_diff", "adapter_tensors", "targets", "step_phases"]
 print_table(rows, columns)
