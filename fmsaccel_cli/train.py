@@ -412,6 +412,7 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     attn = args.get("attn_implementation") or ("flash_attention_2" if args.get("use_flash_attn") and
                                                _has_flash_attn() else "sdpa")
     ctx.extras["attn_implementation"] = attn
+    ctx.extras["example_lengths"] = [len(row["input_ids"]) for row in train_rows]  # tokens per example
     distributed.before_model_load(sft_config, ctx, framework.loader.name if framework.loader is not None else None)
     if framework.loader is not None:
         model = framework.load_model(str(model_path), ctx)

@@ -2,7 +2,9 @@
 
 Both run the same memory plan (``ops``); they differ in who does the grouped GEMMs.
 With ``backend: auto`` on a GPU, one forward+backward of each distinct expert shape
-is timed with both at the run's token count, and the faster one is used and reported.
+is timed with both at the run's typical token count per micro-batch (``typical_batch_tokens``:
+short rows are paced by launches, where the two engines rank otherwise than at full rows),
+and the faster one is used and reported.
 Without a GPU, Triton only runs under ``TRITON_INTERPRET=1`` (tests), so ``auto``
 means torch there.
 """
@@ -39,6 +41,27 @@ def triton_usable() -> bool:
     from .triton_kernels import interpreting
 
     return torch.cuda.is_available() or interpreting()
+
+
+def typical_batch_tokens(lengths: list[int] | None, batch: int, budget: int, *, packed: bool, multipack: bool,
+                         samples: int = 64, seed: int = 0) -> tuple[int, str]:
+    """Tokens the experts see in a typical micro-batch of this dataset, and how that was found.
+
+    The median over ``samples`` random batches of ``batch`` examples: their sum when rows are packed
+    (padding-free), ``batch x`` their longest when padded (pad tokens pass through the experts too).
+    Multipack fills each batch to the ``budget`` (``batch x max_seq_length``), as does a run whose
+    example lengths are unknown.
+    """
+    import random
+
+    if multipack or not lengths:
+        return budget, "multipack's token budget" if multipack else "batch x max_seq_length"
+    rng = random.Random(seed)
+    sizes = sorted(
+        sum(pick) if packed else len(pick) * max(pick)
+        for pick in (rng.sample(lengths, min(batch, len(lengths))) for _ in range(samples))
+    )
+    return min(sizes[len(sizes) // 2], budget), f"the median {'packed' if packed else 'padded'} micro-batch"
 
 
 def resolve_backend(requested: str, shapes: set[ExpertShape], tokens: int) -> tuple[str, str]:

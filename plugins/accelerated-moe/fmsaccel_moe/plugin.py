@@ -25,7 +25,7 @@ import torch
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from . import expert_parallel
-from .backend import ExpertShape, resolve_backend
+from .backend import ExpertShape, resolve_backend, typical_batch_tokens
 from .lora import expert_lora_config, wants_expert_lora
 from .patch import ExpertsSettings, is_patched, patch_site
 from .quantized import four_bit_quant_type, quantize_experts
@@ -77,9 +77,14 @@ class MoEPlugin(AccelerationPlugin):
 
         _keep_experts_4bit(model, sites, ctx, self.name)
         shapes = {_shape(site, model.config) for site in sites}
-        tokens = int(ctx.args.get("per_device_train_batch_size", 8)) * int(ctx.args.get("max_seq_length", 1024))
+        batch = int(ctx.args.get("per_device_train_batch_size", 8))
+        tokens, source = typical_batch_tokens(ctx.extras.get("example_lengths"), batch,
+                                              batch * int(ctx.args.get("max_seq_length", 1024)),
+                                              packed=bool(ctx.extras.get("padding_free")),
+                                              multipack=bool(ctx.extras.get("multipack")))
         backend, why = resolve_backend(self.backend, shapes, tokens)
-        ctx.report.note(self.name, f"experts GEMM backend: {why}")
+        ctx.report.note(self.name, f"experts GEMM backend: {why}"
+                        + (f" ({tokens} tokens: {source})" if why.startswith("auto") else ""))
         ctx.extras["moe_backend"] = backend
 
         settings = ExpertsSettings(backend=backend, shard=self.shard)

@@ -227,3 +227,23 @@ def test_moe_with_4bit_qlora_and_lora_on_experts(tmp_path, monkeypatch):
     assert max_diff(out, ref) < 1e-4
     for g, w in zip(got, want, strict=True):
         assert max_diff(g, w) < 1e-4 * max(1.0, w.abs().max().item())
+
+
+def test_auto_times_the_backends_at_the_datasets_typical_micro_batch():
+    """R-like rows (a few hundred tokens) are timed at a packed or padded batch of them, not at batch x max length."""
+    import random
+
+    from fmsaccel_moe.backend import typical_batch_tokens
+
+    rng = random.Random(1)
+    lengths = [min(2048, max(32, round(rng.lognormvariate(5.4, 0.6)))) for _ in range(500)]
+    packed, how = typical_batch_tokens(lengths, 4, 4 * 2048, packed=True, multipack=False)
+    padded, _ = typical_batch_tokens(lengths, 4, 4 * 2048, packed=False, multipack=False)
+    assert how == "the median packed micro-batch" and 700 < packed < 1600  # about 4 x 269
+    assert packed < padded <= 4 * 2048 and padded % 4 == 0  # padded: 4 x the longest of the four
+    assert typical_batch_tokens(lengths, 4, 8192, packed=True, multipack=True) == (8192, "multipack's token budget")
+    assert typical_batch_tokens(None, 4, 8192, packed=False, multipack=False) == (8192, "batch x max_seq_length")
+    # the same answer every time (every rank times the same count)
+    assert typical_batch_tokens(lengths, 4, 8192, packed=True, multipack=False)[0] == packed
+    # never above the budget, even if the lengths say otherwise
+    assert typical_batch_tokens([5000] * 8, 4, 8192, packed=True, multipack=False)[0] == 8192

@@ -125,6 +125,7 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
                                    "one length run as a dense batch on causal SDPA")
         ctx.extras["padding_free"] = True
         ctx.extras["padding_free_backend"] = backend
+        ctx.extras["multipack"] = self.multipack is not None
         return model
 
     def _choose_sdpa_kernels(self, model, ctx: TrainContext):
