@@ -4,7 +4,7 @@ A recipe (or ``--set distributed.strategy=fsdp``) picks how ``--nproc-per-node N
 
     distributed:
       strategy: ddp                     # ddp (default) or fsdp
-      gather_step_metrics: false        # gather TRL's per-micro-batch metrics over ranks in every micro-step
+      gather_step_metrics: true         # gather TRL's per-micro-batch metrics over ranks in every micro-step
       fsdp:                             # read only with strategy fsdp
         sharding: full_shard            # full_shard | shard_grad_op
         cpu_ram_efficient_loading: true # rank 0's weights are broadcast into the sharded model
@@ -26,10 +26,10 @@ A recipe (or ``--set distributed.strategy=fsdp``) picks how ``--nproc-per-node N
 
 TRL gathers its per-micro-batch metrics (entropy, token accuracy, token count) over all ranks in every
 micro-step, between forward and backward, and reads them on the host: a cross-rank wait per micro-step at which
-every rank idles until the slowest arrives. On launch-bound steps (short padding-free rows) that wait is a large
-part of the step, so by default each rank keeps its own metrics (``rank_local_metrics``); the logged entropy and
-accuracy are then rank 0's, and ``num_tokens`` counts rank 0's tokens. The loss, its logging and the gradients are
-untouched. ``gather_step_metrics: true`` restores TRL's behaviour.
+every rank idles until the slowest arrives. ``gather_step_metrics: false`` keeps each rank's own metrics instead
+(``rank_local_metrics``): the logged entropy and accuracy are then rank 0's, and ``num_tokens`` counts rank 0's
+tokens; the loss, its logging and the gradients are untouched. TRL's behaviour stays the default: on two GPUs
+(session 7) the difference was lost in the variation between runs.
 
 Launch-time checks (``check``) turn every combination that cannot work into one line before any process
 starts; ``verify`` refuses a run where accelerate left FSDP off (it does on CPUs). ``reduce_metrics``
@@ -62,8 +62,9 @@ FSDP_KEYS = {
     "offload_params": "keep parameter shards (and their gradients) in CPU memory",
 }
 TOP_KEYS = {"strategy": "ddp or fsdp", "fsdp": "FSDP options (strategy fsdp only)",
-            "gather_step_metrics": "gather TRL's per-micro-batch metrics over ranks in every micro-step (false: "
-                                   "each rank logs its own, without a cross-rank wait mid-step)"}
+            "gather_step_metrics": "gather TRL's per-micro-batch metrics over ranks in every micro-step (true, "
+                                   "TRL's behaviour; false: each rank logs its own, without a cross-rank wait "
+                                   "mid-step)"}
 MOE_PATH = "training.moe.scattermoe"
 BNB_PATH = "peft.quantization.bitsandbytes"
 GPTQ_PATH = "peft.quantization.auto_gptq"
@@ -76,7 +77,7 @@ class Settings:
     cpu_ram_efficient_loading: bool = True
     activation_checkpointing: bool | None = None
     offload_params: bool = False
-    gather_step_metrics: bool = False
+    gather_step_metrics: bool = True
 
     @property
     def fsdp(self) -> bool:
@@ -95,7 +96,7 @@ def settings(args: dict[str, Any], source: str = "arguments") -> Settings:
     if strategy not in STRATEGIES:
         raise RecipeError(f"{source}: distributed.strategy = {strategy!r} is not one of: "
                           f"{', '.join(STRATEGIES)}{closest(strategy, STRATEGIES)}")
-    gather = section.get("gather_step_metrics", False)
+    gather = section.get("gather_step_metrics", True)
     if not isinstance(gather, bool):
         raise RecipeError(f"{source}: distributed.gather_step_metrics = {gather!r} must be true or false")
     fsdp = section.get("fsdp") or {}

@@ -16,8 +16,8 @@
 # FMSACCEL_MEMORY=1 adds each run's allocations alive at its peak memory to log_tails.txt; ONLY="gptq-ddp2 qlora-fsdp2"
 # runs just those 2-GPU runs (with the 1-GPU references of KINDS); EXTRA_SET="key=value ..." adds --set options to every run;
 # FMSACCEL_PROFILE=1 copies each run's profile (rank 0) to $OUT/profile-NAME.txt. REF=0 skips the 1-GPU run with 2
-# accumulation steps (the loss reference); SETUPS with ddpg adds DDP runs that gather TRL's metrics in every micro-step
-# (distributed.gather_step_metrics: true, TRL's own behaviour) beside the default ones, which keep them per rank.
+# accumulation steps (the loss reference); SETUPS with ddpl adds DDP runs that keep TRL's metrics on each rank
+# (distributed.gather_step_metrics: false) beside the default ones, which gather them in every micro-step as TRL does.
 set -u
 START=$(date +%s)
 OUT=${OUT:-${1:-/tmp/multi-gpu-out}}
@@ -76,8 +76,8 @@ wanted b4 && one_gpu_runs 1gpu-b4 4
 for kind in $KINDS; do
   wanted ddp && in_budget "$kind-ddp2" && run "$kind-ddp2" "$kind" 2 4
 done
-for kind in $KINDS; do  # ddpg: DDP with TRL's per-micro-step metric gathers (its own behaviour), for comparison
-  wanted ddpg && in_budget "$kind-ddpg2" && run "$kind-ddpg2" "$kind" 2 4 --set distributed.gather_step_metrics=true
+for kind in $KINDS; do  # ddpl: DDP with TRL's metrics kept on each rank (no cross-rank wait mid-step), for comparison
+  wanted ddpl && in_budget "$kind-ddpl2" && run "$kind-ddpl2" "$kind" 2 4 --set distributed.gather_step_metrics=false
 done
 for kind in $KINDS; do
   wanted fsdp && in_budget "$kind-fsdp2" && run "$kind-fsdp2" "$kind" 2 4 --set distributed.strategy=fsdp
