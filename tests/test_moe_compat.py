@@ -6,12 +6,11 @@ import torch
 
 
 def test_a_model_that_does_not_record_router_logits_records_them_after_the_shim(monkeypatch):
-    # imported here, not at collection: fmsaccel_cli.train imports the plugins' Triton kernels (see
-    # test_train_diagnostics.py)
+    # imported here, not at collection, as every training-side module (see test_train_diagnostics.py)
     from transformers.models.granitemoe import modeling_granitemoe as granite
 
     from fmsaccel_cli.models import build_config
-    from fmsaccel_cli.train import _record_router_logits
+    from fmsaccel_cli.moe_compat import record_router_logits
 
     declared = dict(granite.GraniteMoePreTrainedModel._can_record_outputs)
     without = {k: v for k, v in declared.items() if k != "router_logits"}
@@ -21,7 +20,7 @@ def test_a_model_that_does_not_record_router_logits_records_them_after_the_shim(
     model = granite.GraniteMoeForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (2, 7))
     assert not torch.is_tensor(model(input_ids=ids).aux_loss)  # the int 0 (with labels, transformers crashes)
-    _record_router_logits(model)
+    record_router_logits(model)
     after = model(input_ids=ids, labels=ids)
     assert torch.is_tensor(after.aux_loss) and after.aux_loss.item() > 0
     assert len(after.router_logits) == config.num_hidden_layers
@@ -35,10 +34,10 @@ def test_a_model_that_records_router_logits_is_left_alone(capsys):
     from transformers.models.granitemoe import modeling_granitemoe as granite
 
     from fmsaccel_cli.models import build_config
-    from fmsaccel_cli.train import _record_router_logits
+    from fmsaccel_cli.moe_compat import record_router_logits
 
     model = granite.GraniteMoeForCausalLM(build_config("tiny-granitemoe"))
     if "router_logits" not in granite.GraniteMoePreTrainedModel._can_record_outputs:
         pytest.skip("this transformers release does not declare Granite MoE router logits")
-    _record_router_logits(model)
+    record_router_logits(model)
     assert "router logits" not in capsys.readouterr().out

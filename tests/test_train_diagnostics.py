@@ -15,17 +15,18 @@ class _Block(nn.Module):
 
 
 def test_guard_summary_counts_the_guards_of_each_compiled_region_and_lists_the_python_ones():
-    # imported here, not at collection: fmsaccel_cli.train imports the plugins' Triton kernels, which must be
-    # decorated after the plugin conftests choose Triton's interpreter (tests/ is collected first)
-    from fmsaccel_cli.train import _guard_summary
+    # training-side modules are imported inside tests, not at collection: fmsaccel_cli.train imports the plugins'
+    # Triton kernels, which must be decorated after the plugin conftests choose Triton's interpreter (tests/ is
+    # collected first)
+    from fmsaccel_cli.run_metrics import guard_summary
 
     torch._dynamo.reset()
     model = nn.Sequential(_Block(), _Block())
-    assert _guard_summary(model) == ""  # nothing compiled, nothing to say
+    assert guard_summary(model) == ""  # nothing compiled, nothing to say
     for block in model:
         block.compile(backend="eager", dynamic=True)
     model(torch.randn(3, 8))
-    lines = _guard_summary(model).splitlines()
+    lines = guard_summary(model).splitlines()
     head = lines[0]
     assert head.startswith("guards of _Block.forward (cache entry 0): ") and "TENSOR_MATCH" in head
     assert int(head.split(": ")[1].split(";")[0]) > 5
