@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU call: fmsaccel bench for RECIPES on llama3-8b with one WORKLOAD (P or R), the baseline in the same call.
 # Every cell profiles its last two warm-up steps (FMSACCEL_PROFILE); the top kernels land in $OUT/profiles.txt.
+# VARIANT_RECIPES + VARIANTS run the same recipes again with one setting changed (below); summary-$WORKLOAD.txt has all.
 # The device call's limit (CALL_S, default 590 s of its 600) bounds the whole script: the bench gets what setup left,
 # less the time to copy results (BENCH_TIMEOUT caps it further), so a long matrix is cut, never the copying.
 set -u
@@ -21,18 +22,38 @@ for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "
 for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done > $OUT/logs-$WORKLOAD.txt
 for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done \
   > $OUT/recompiles-$WORKLOAD.txt
-# Optional second matrix (VARIANT_RECIPES set): the same workload on the same machine with one more setting,
-# VARIANT_SET (default: the flex padding-free backend; e.g. plugins.peft.quantization.fused_ops_and_kernels.fp8_matmul=true
-# or pad_to_multiple_of=256), and VARIANT_ENV="NAME=value ..." in its environment (e.g. TORCHINDUCTOR_CPP_WRAPPER=1)
+# Variants (VARIANT_RECIPES set): the same workload on the same machine, once per entry of
+# VARIANTS="label=set:KEY=VALUE label2=env:NAME=VALUE ...": a --set for the run, or an environment variable (e.g.
+# compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model
+# cpp_wrapper=env:TORCHINDUCTOR_CPP_WRAPPER=1 flex=set:plugins.training.attention.padding_free.backend=flex).
+# Without VARIANTS, one variant "variant" from VARIANT_SET (default: the flex backend) and VARIANT_ENV. Each variant
+# runs only if the call has time left for it, and resumes on a warm machine; a summary puts every row against the
+# main matrix's baseline, by the mean and by the median step.
 if [ -n "${VARIANT_RECIPES:-}" ]; then
-  timeout ${VARIANT_TIMEOUT} env ${VARIANT_ENV:-} fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
-    --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD-variant --timeout ${VARIANT_CELL_TIMEOUT:-140} \
-    --set "${VARIANT_SET:-plugins.training.attention.padding_free.backend=flex}" 2>&1 | grep -vE "^\s*$" | tail -5
-  cp /tmp/bench-$WORKLOAD-variant/results.csv $OUT/results-$WORKLOAD-variant.csv 2>/dev/null
-  # the variant's cell logs too (a cell that dies before its first step leaves no row, only its log)
-  for f in $(find /tmp/bench-$WORKLOAD-variant -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done \
-    > $OUT/logs-$WORKLOAD-variant.txt
-  for f in $(find /tmp/bench-$WORKLOAD-variant -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done \
-    > $OUT/recompiles-$WORKLOAD-variant.txt
+  VARIANTS=${VARIANTS:-variant=set:${VARIANT_SET:-plugins.training.attention.padding_free.backend=flex}}
+  for entry in $VARIANTS; do
+    label=${entry%%=*} spec=${entry#*=}
+    left=$(( ${CALL_S:-590} - ($(date +%s) - START) - 20 ))
+    if [ "$left" -lt 60 ]; then echo "variant $label: skipped (${left} s left in the call)"; continue; fi
+    limit=$(( VARIANT_TIMEOUT < left ? VARIANT_TIMEOUT : left ))
+    sets=() envs=(${VARIANT_ENV:-})
+    case $spec in
+      set:*) sets=(--set "${spec#set:}") ;;
+      env:*) envs+=("${spec#env:}") ;;
+      *) echo "variant $label: '$spec' is neither set:KEY=VALUE nor env:NAME=VALUE"; continue ;;
+    esac
+    dir=/tmp/bench-$WORKLOAD-$label
+    echo "variant $label ($spec): ${limit} s"
+    timeout $limit env "${envs[@]}" fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
+      --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out $dir --resume \
+      --timeout ${VARIANT_CELL_TIMEOUT:-$(( VARIANT_TIMEOUT - 10 ))} "${sets[@]}" 2>&1 | grep -vE "^\s*$" | tail -5
+    cp $dir/results.csv $OUT/results-$WORKLOAD-$label.csv 2>/dev/null
+    # the variant's cell logs too (a cell that dies before its first step leaves no row, only its log)
+    for f in $(find $dir -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done \
+      > $OUT/logs-$WORKLOAD-$label.txt
+    for f in $(find $dir -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done \
+      > $OUT/recompiles-$WORKLOAD-$label.txt
+  done
 fi
+python3 benchmarks/gpu/variant_summary.py $OUT/results-$WORKLOAD.csv $OUT/results-$WORKLOAD-*.csv 2>&1 | tee $OUT/summary-$WORKLOAD.txt
 true  # the missing results of a cut matrix are not the script's failure
