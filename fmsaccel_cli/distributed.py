@@ -309,13 +309,14 @@ def before_model_load(sft_config, ctx, loader_name: str | None) -> None:
 
 
 @contextlib.contextmanager
-def rank_local_metrics(trainer, args: dict[str, Any]):
-    """Within a training micro-step, TRL's ``gather_for_metrics`` returns this rank's tensor instead of gathering.
+def rank_local_metrics(trainer, gather: bool):
+    """Unless ``gather`` (``settings(args).gather_step_metrics``), TRL's ``gather_for_metrics`` returns this rank's
+    tensor instead of gathering, within a training micro-step.
 
     The gather is for logging only; the loss and gradients never pass through it. Evaluation still gathers.
     """
     accelerator = trainer.accelerator
-    if accelerator.num_processes == 1 or not trainer.model.training or settings(args).gather_step_metrics:
+    if accelerator.num_processes == 1 or not trainer.model.training or gather:
         yield
         return
     accelerator.gather_for_metrics = lambda tensor, *_, **__: tensor  # shadows the method on this instance

@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -224,7 +225,7 @@ class RunMetrics(TrainerCallback):
         if "begin" in marks:
             self.step_times.append(round(marks["step_end"] - marks["begin"], 4))
             self.gc_seconds.append(round(self._gc_pause, 4))
-            self.step_token_totals.append(None if self.tokens is None else self.tokens.detach().clone())
+            self.step_token_totals.append(self.tokens)  # count_tokens replaces it, never adds in place
         if measured and {"begin", "pre_optimizer", "optimizer"} <= marks.keys():
             self.step_phase_totals["forward_backward"] += marks["pre_optimizer"] - marks["begin"]
             self.step_phase_totals["optimizer"] += marks["optimizer"] - marks["pre_optimizer"]
@@ -268,13 +269,10 @@ class RunMetrics(TrainerCallback):
         first = self.warmup_steps
         if len(self.step_token_totals) <= first or any(t is None for t in self.step_token_totals):
             return None
-        totals = [float(t) for t in self.step_token_totals]  # one sync per step, after training
-        rates = sorted((totals[i] - (totals[i - 1] if i else 0.0)) / self.step_times[i]
-                       for i in range(first, len(totals)) if self.step_times[i] > 0)
-        if not rates:
-            return None
-        mid = len(rates) // 2
-        return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+        totals = torch.stack([t.float() for t in self.step_token_totals]).tolist()  # one sync, after training
+        rates = [(totals[i] - (totals[i - 1] if i else 0.0)) / self.step_times[i]
+                 for i in range(first, len(totals)) if self.step_times[i] > 0]
+        return statistics.median(rates) if rates else None
 
     def throughput(self) -> tuple[float, float, int]:
         if self.time_at_warmup is None or self.tokens is None:

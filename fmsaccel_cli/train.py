@@ -138,9 +138,11 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     metrics = RunMetrics(int(args.get("benchmark_warmup_steps", 2)))
     signal.signal(signal.SIGTERM, lambda *_: setattr(metrics, "stop_requested", True))
 
+    gather_step_metrics = distributed.settings(args).gather_step_metrics
+
     class Trainer(SFTTrainer):
         def compute_loss(self, *a, **kw):
-            with distributed.rank_local_metrics(self, args):
+            with distributed.rank_local_metrics(self, gather_step_metrics):
                 return super().compute_loss(*a, **kw)
 
         def training_step(self, *a, **kw):

@@ -81,7 +81,7 @@ def test_trl_step_metrics_stay_on_the_rank_under_ddp(num_processes, training, se
 
     trainer = _trainer(num_processes, training)
     value = torch.tensor(3.0)
-    with distributed.rank_local_metrics(trainer, sets):
+    with distributed.rank_local_metrics(trainer, distributed.settings(sets).gather_step_metrics):
         result = trainer.accelerator.gather_for_metrics(value)
     assert (result.shape == () and trainer.accelerator.gathered == 0) if local else \
         (result.shape == (num_processes,) and trainer.accelerator.gathered == 1)
@@ -92,8 +92,8 @@ def test_trl_step_metrics_stay_on_the_rank_under_ddp(num_processes, training, se
 def test_rank_local_metrics_restores_the_gather_after_an_error():
     import torch
 
-    trainer, local = _trainer(2), {"distributed": {"gather_step_metrics": False}}
-    with pytest.raises(RuntimeError), distributed.rank_local_metrics(trainer, local):
+    trainer = _trainer(2)
+    with pytest.raises(RuntimeError), distributed.rank_local_metrics(trainer, gather=False):
         raise RuntimeError("boom")
     assert trainer.accelerator.gather_for_metrics(torch.tensor(1.0)).shape == (2,)
 

@@ -134,7 +134,7 @@ def record(results: str | Path, reference: str | Path, label: str) -> int:
         if "device_call" not in columns:
             columns.insert(0, "device_call")
     columns += [c for c in (new_rows[0] if new_rows else {}) if c not in columns]
-    from .runner import atomic_write
+    from ..files import atomic_write
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
