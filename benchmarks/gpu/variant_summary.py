@@ -14,25 +14,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tables import print_table  # noqa: E402
 
-BASELINE = "baseline-peft-bnb"
-MEAN, MEDIAN = "train_tokens_per_second", "train_tokens_per_second_median_step"
-PEAK = "mem_peak_torch_mem_alloc_in_bytes"
+from fmsaccel_cli.bench.report import PEAK, TPS, TPS_MEDIAN, add_baseline_ratios  # noqa: E402
 
 
-def _number(value) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _ratio(ours: float | None, base: float | None) -> str:
-    return f"{ours / base:.2f}" if ours and base else ""
+def _ratio(value) -> str:
+    return f"{value:.2f}" if value is not None else ""
 
 
 def summarize(main: Path, variants: list[Path]) -> list[dict]:
+    """The rows of every file, each labelled with its variant, with the bench's own ratios to the baseline: the
+    variant rows share the main matrix's model, data, GPUs and batch, so they match its baseline cell."""
     rows = []
     for path in [main, *variants]:
         if not path.exists():
@@ -40,18 +34,15 @@ def summarize(main: Path, variants: list[Path]) -> list[dict]:
         label = "main" if path == main else path.stem.split("-", 2)[-1]
         with open(path, newline="") as f:
             rows += [{**r, "variant": label} for r in csv.DictReader(f)]
-    base = next((r for r in rows if r["variant"] == "main" and r.get("framework_config") == BASELINE
-                 and r.get("status") == "ok"), None)
     out = []
-    for r in rows:
-        mean, median, peak = _number(r.get(MEAN)), _number(r.get(MEDIAN)), _number(r.get(PEAK))
+    for r in add_baseline_ratios(rows):
+        mean, median, peak = (float(r[k]) if r.get(k) not in (None, "") else None for k in (TPS, TPS_MEDIAN, PEAK))
         out.append({
             "variant": r["variant"], "recipe": r.get("framework_config", ""), "status": r.get("status", ""),
-            "tok/s": f"{mean:,.0f}" if mean else "", "vs base": _ratio(mean, _number((base or {}).get(MEAN))),
+            "tok/s": f"{mean:,.0f}" if mean else "", "vs base": _ratio(r[f"{TPS}_vs_baseline"]),
             "median step tok/s": f"{median:,.0f}" if median else "",
-            "median vs base": _ratio(median, _number((base or {}).get(MEDIAN))),
-            "peak GiB": f"{peak / 2**30:.2f}" if peak else "",
-            "mem vs base": _ratio(peak, _number((base or {}).get(PEAK))),
+            "median vs base": _ratio(r[f"{TPS_MEDIAN}_vs_baseline"]),
+            "peak GiB": f"{peak / 2**30:.2f}" if peak else "", "mem vs base": _ratio(r[f"{PEAK}_vs_baseline"]),
         })
     return out
 
