@@ -17,11 +17,16 @@ echo "setup took $(( $(date +%s) - START )) s; the bench gets ${BENCH_TIMEOUT} s
 timeout ${BENCH_TIMEOUT} fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$RECIPES" \
   --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD --timeout 240 --resume \
   ${EXTRA:-} 2>&1 | grep -vE "^\s*$" | tail -20
-cp /tmp/bench-$WORKLOAD/results.csv $OUT/results-$WORKLOAD.csv 2>/dev/null
+# collect DIR NAME: a bench folder's results, and from its cell logs (a cell that dies before its first step leaves
+# no row, only its log) the plugin lines and errors, and Dynamo's recompiles
+collect() {
+  cp $1/results.csv $OUT/results-$2.csv 2>/dev/null
+  for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done \
+    > $OUT/logs-$2.txt
+  for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done > $OUT/recompiles-$2.txt
+}
+collect /tmp/bench-$WORKLOAD $WORKLOAD
 for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "$f"; done > $OUT/profiles-$WORKLOAD.txt
-for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done > $OUT/logs-$WORKLOAD.txt
-for f in $(find /tmp/bench-$WORKLOAD -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done \
-  > $OUT/recompiles-$WORKLOAD.txt
 # Variants (VARIANT_RECIPES set): the same workload on the same machine, once per entry of
 # VARIANTS="label=set:KEY=VALUE label2=env:NAME=VALUE ...": a --set for the run, or an environment variable (e.g.
 # compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model
@@ -47,12 +52,7 @@ if [ -n "${VARIANT_RECIPES:-}" ]; then
     timeout $limit env "${envs[@]}" fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
       --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out $dir --resume \
       --timeout ${VARIANT_CELL_TIMEOUT:-$(( VARIANT_TIMEOUT - 10 ))} "${sets[@]}" 2>&1 | grep -vE "^\s*$" | tail -5
-    cp $dir/results.csv $OUT/results-$WORKLOAD-$label.csv 2>/dev/null
-    # the variant's cell logs too (a cell that dies before its first step leaves no row, only its log)
-    for f in $(find $dir -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done \
-      > $OUT/logs-$WORKLOAD-$label.txt
-    for f in $(find $dir -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done \
-      > $OUT/recompiles-$WORKLOAD-$label.txt
+    collect $dir $WORKLOAD-$label
   done
 fi
 python3 benchmarks/gpu/variant_summary.py $OUT/results-$WORKLOAD.csv $OUT/results-$WORKLOAD-*.csv 2>&1 | tee $OUT/summary-$WORKLOAD.txt
