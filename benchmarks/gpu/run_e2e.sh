@@ -32,7 +32,7 @@ for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "
 # compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model
 # cpp_wrapper=env:TORCHINDUCTOR_CPP_WRAPPER=1 flex=set:plugins.training.attention.padding_free.backend=flex).
 # Without VARIANTS, one variant "variant" from VARIANT_SET (default: the flex backend) and VARIANT_ENV. Each variant
-# runs only if the call has time left for it, and resumes on a warm machine; a summary puts every row against the
+# runs only if the call has time left for it (with EXTRA's bench options too), and resumes on a warm machine; a summary puts every row against the
 # main matrix's baseline, by the mean and by the median step.
 if [ -n "${VARIANT_RECIPES:-}" ]; then
   VARIANTS=${VARIANTS:-variant=set:${VARIANT_SET:-plugins.training.attention.padding_free.backend=flex}}
@@ -51,7 +51,7 @@ if [ -n "${VARIANT_RECIPES:-}" ]; then
     echo "variant $label ($spec): ${limit} s"
     timeout $limit env "${envs[@]}" fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
       --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out $dir --resume \
-      --timeout ${VARIANT_CELL_TIMEOUT:-$(( VARIANT_TIMEOUT - 10 ))} "${sets[@]}" 2>&1 | grep -vE "^\s*$" | tail -5
+      --timeout ${VARIANT_CELL_TIMEOUT:-$(( VARIANT_TIMEOUT - 10 ))} ${EXTRA:-} "${sets[@]}" 2>&1 | grep -vE "^\s*$" | tail -5
     collect $dir $WORKLOAD-$label
   done
 fi
