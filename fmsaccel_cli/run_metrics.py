@@ -148,12 +148,19 @@ class RunMetrics(TrainerCallback):
             self._gc_started = None
 
     def count_tokens(self, module, args, kwargs):
+        """Forward pre-hook: add the batch's real tokens to the step's count.
+
+        A collator's filler (``num_padding_tokens``, from padding-free length buckets) is not
+        counted, and the key is taken out of the model's arguments.
+        """
+        filler = kwargs.pop("num_padding_tokens", 0)
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
-            return
-        n = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+            return args, kwargs
+        n = mask.sum() if mask is not None else torch.tensor(ids.numel() - int(filler), device=ids.device)
         self.tokens = n if self.tokens is None else self.tokens + n
+        return args, kwargs
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """A micro-batch's loss, already divided by the accumulation steps: they add up to the step's loss."""

@@ -32,3 +32,20 @@ def test_guard_summary_counts_the_guards_of_each_compiled_region_and_lists_the_p
     assert int(head.split(": ")[1].split(";")[0]) > 5
     assert any(line.startswith("  python guard:") and "eps" in line for line in lines[1:])
     torch._dynamo.reset()
+
+
+def test_token_count_leaves_out_a_collators_filler_and_hides_it_from_the_model():
+    """Padding-free length buckets add filler tokens: tokens/s counts only the real ones."""
+    import torch
+
+    from fmsaccel_cli.run_metrics import RunMetrics
+
+    metrics = RunMetrics(0)
+    seen = []
+    model = torch.nn.Module()
+    model.forward = lambda **kwargs: seen.append(sorted(kwargs))
+    model.register_forward_pre_hook(metrics.count_tokens, with_kwargs=True)
+    model(input_ids=torch.zeros(1, 64, dtype=torch.long), num_padding_tokens=9)
+    model(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]))
+    assert int(metrics.tokens) == 55 + 7
+    assert seen == [["input_ids"], ["attention_mask", "input_ids"]]

@@ -21,19 +21,19 @@ timeout ${BENCH_TIMEOUT} fmsaccel bench --matrix benchmarks/scenarios.yaml --rec
 # no row, only its log) the plugin lines and errors, and Dynamo's recompiles
 collect() {
   cp $1/results.csv $OUT/results-$2.csv 2>/dev/null
-  for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error" "$f" | tail -25; done \
+  for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error|cudagraph" "$f" | tail -30; done \
     > $OUT/logs-$2.txt
   for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done > $OUT/recompiles-$2.txt
 }
 collect /tmp/bench-$WORKLOAD $WORKLOAD
 for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "$f"; done > $OUT/profiles-$WORKLOAD.txt
 # Variants (VARIANT_RECIPES set): the same workload on the same machine, once per entry of
-# VARIANTS="label=set:KEY=VALUE label2=env:NAME=VALUE ...": a --set for the run, or an environment variable (e.g.
-# compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model
-# cpp_wrapper=env:TORCHINDUCTOR_CPP_WRAPPER=1 flex=set:plugins.training.attention.padding_free.backend=flex).
+# VARIANTS="label=set:KEY=VALUE label2=env:NAME=VALUE ...": --set options for the run (several joined by +), or an
+# environment variable, e.g. compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model
+# cpp_wrapper=env:TORCHINDUCTOR_CPP_WRAPPER=1 flex=set:plugins.training.attention.padding_free.backend=flex.
 # Without VARIANTS, one variant "variant" from VARIANT_SET (default: the flex backend) and VARIANT_ENV. Each variant
-# runs only if the call has time left for it (with EXTRA's bench options too), and resumes on a warm machine; a summary puts every row against the
-# main matrix's baseline, by the mean and by the median step.
+# runs only if the call has time left for it (with EXTRA's bench options too), and resumes on a warm machine; a
+# summary puts every row against the main matrix's baseline, by the mean and by the median step.
 if [ -n "${VARIANT_RECIPES:-}" ]; then
   VARIANTS=${VARIANTS:-variant=set:${VARIANT_SET:-plugins.training.attention.padding_free.backend=flex}}
   for entry in $VARIANTS; do
@@ -43,7 +43,7 @@ if [ -n "${VARIANT_RECIPES:-}" ]; then
     limit=$(( VARIANT_TIMEOUT < left ? VARIANT_TIMEOUT : left ))
     sets=() envs=(${VARIANT_ENV:-})
     case $spec in
-      set:*) sets=(--set "${spec#set:}") ;;
+      set:*) IFS=+ read -ra kvs <<< "${spec#set:}"; for kv in "${kvs[@]}"; do sets+=(--set "$kv"); done ;;
       env:*) envs+=("${spec#env:}") ;;
       *) echo "variant $label: '$spec' is neither set:KEY=VALUE nor env:NAME=VALUE"; continue ;;
     esac

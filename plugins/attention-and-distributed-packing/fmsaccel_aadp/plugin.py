@@ -5,7 +5,8 @@
   patched); records the backend in the report and ``ctx.extras["padding_free"]``. Without
   padding-free, ``training.attention.sdpa`` switches the model to SDPA attention that keeps
   cuDNN's per-length planning away from padded batches.
-- ``data_collator``: the padding-free collator (one ``[1, T]`` row per batch).
+- ``data_collator``: the padding-free collator (one ``[1, T]`` row per batch, optionally padded to a
+  length bucket).
 - ``prepare_trainer``: with multipack, the trainer's train dataloader draws token-balanced
   batches from :class:`~fmsaccel_aadp.multipack.MultipackBatchSampler`.
 """
@@ -123,7 +124,11 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         ctx.report.add(self.name, f"attention -> padding-free {backend}", _count_attention_layers(base))
         ctx.report.note(self.name, f"padding-free attention backend: {backend} [{why}]; rows whose examples all have "
                                    "one length run as a dense batch on causal SDPA")
+        if self.padding_free.get("bucket_lengths", False):
+            ctx.report.note(self.name, "padding-free rows padded to a ladder of fixed lengths (filler examples, "
+                                       "not trained on, not counted as tokens)")
         ctx.extras["padding_free"] = True
+        ctx.extras["padding_free_buckets"] = bool(self.padding_free.get("bucket_lengths", False))
         ctx.extras["padding_free_backend"] = backend
         ctx.extras["multipack"] = self.multipack is not None
         return model
@@ -143,7 +148,9 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         return model
 
     def data_collator(self, ctx: TrainContext):
-        return PaddingFreeCollator() if self.padding_free is not None else None
+        if self.padding_free is None:
+            return None
+        return PaddingFreeCollator(bool(self.padding_free.get("bucket_lengths", False)))
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         if self.multipack is None:

@@ -13,6 +13,9 @@ AADP = PluginSpec(
             "method": ConfigKey(str, default="huggingface", choices=("huggingface",), help="padding-free method"),
             "backend": ConfigKey(str, default="auto", choices=("auto", "flash_attn", "varlen", "flex", "sdpa_masked"),
                                  help="attention kernel; auto picks the fastest that runs here"),
+            "bucket_lengths": ConfigKey(bool, default=False,
+                                        help="pad each row with filler examples (not trained on, not counted) to "
+                                             "one of a few fixed lengths: the fixed shapes that CUDA graphs need"),
         },
         "training.attention.sdpa": {
             "cudnn": ConfigKey(str, default="unpadded", choices=CUDNN_MODES,

@@ -55,3 +55,37 @@ def test_empty_examples_are_skipped_and_nothing_is_an_error():
 def test_collator_object_ignores_extra_columns():
     batch = PaddingFreeCollator()([{"input_ids": [1, 2], "labels": [1, 2], "text": "hi"}])
     assert batch["input_ids"].shape == (1, 2)
+
+
+def test_bucket_ladder_is_short_and_tight():
+    from fmsaccel_aadp.collator import BUCKET_ALIGN, bucket_length
+
+    ladder = sorted({bucket_length(n) for n in range(1, 8193)})
+    assert len(ladder) <= 24  # a handful of shapes (CUDA graph recordings) for a whole run
+    assert all(b % BUCKET_ALIGN == 0 for b in ladder)
+    for n in (1, 63, 64, 65, 300, 1000, 1025, 4096, 4097, 8000):
+        assert n <= bucket_length(n) <= max(1.22 * n, n + BUCKET_ALIGN)
+
+
+@pytest.mark.parametrize("lengths", [(5, 3, 9), (1,), (40, 40, 40, 40, 40, 40, 40, 40), (100, 7)])
+def test_bucketed_rows_add_only_filler_examples(lengths):
+    from fmsaccel_aadp.collator import DOC_MULTIPLE, bucket_length
+
+    rows = [{"input_ids": list(range(1, n + 1))} for n in lengths]
+    plain, bucketed = collate_padding_free(rows), collate_padding_free(rows, bucket_lengths=True)
+    real = sum(lengths)
+    total = bucketed["input_ids"].shape[1]
+    cu = bucketed["cu_seq_lens_q"]
+    assert total == bucket_length(total) and total > real
+    assert bucketed["num_padding_tokens"] == total - real and "num_padding_tokens" not in plain
+    assert bucketed["max_length_q"] == bucketed["max_length_k"] == total  # fixed per bucket, an upper bound
+    # the real examples come first, unchanged; the filler examples are never empty and carry no labels
+    for key in ("input_ids", "labels", "position_ids"):
+        assert bucketed[key][0, :real].tolist() == plain[key][0].tolist()
+    assert cu[: len(lengths) + 1].tolist() == plain["cu_seq_lens_q"].tolist()
+    assert (cu.numel() - 1) % DOC_MULTIPLE == 0 and cu.numel() - 1 > len(lengths)
+    assert (cu.diff() > 0).all() and int(cu[-1]) == total
+    assert (bucketed["labels"][0, real:] == IGNORE_INDEX).all()
+    starts = torch.repeat_interleave(cu[:-1].long(), cu.diff().long())
+    assert bucketed["position_ids"][0].tolist() == (torch.arange(total) - starts).tolist()
+    assert PaddingFreeCollator(bucket_lengths=True)(rows)["input_ids"].shape == bucketed["input_ids"].shape

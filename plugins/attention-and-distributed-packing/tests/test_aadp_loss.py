@@ -46,3 +46,23 @@ def test_per_token_loss_matches_padded_training(tiny_llama, random_examples, dev
     free_grads = torch.autograd.grad(free_out.loss, list(model.parameters()))
     for a, b in zip(free_grads, padded_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_change_no_loss_or_gradient(tiny_llama, random_examples, device):
+    """Filler examples padding a row to its bucket are invisible to the real tokens' loss and gradients."""
+    rows = random_examples((23, 4, 57, 31, 9), seed=7)
+    model = tiny_llama(seed=4)
+    model.set_attn_implementation(register_attention("sdpa_masked"))
+    outs = []
+    for bucket_lengths in (False, True):
+        batch = collate_padding_free(rows, bucket_lengths=bucket_lengths)
+        batch.pop("num_padding_tokens", None)  # the trainer's token counter takes it out
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = model(**batch)
+        outs.append((out, batch["input_ids"].shape[1], torch.autograd.grad(out.loss, list(model.parameters()))))
+    (plain, real, plain_grads), (bucketed, total, bucketed_grads) = outs
+    assert total > real
+    torch.testing.assert_close(bucketed.logits[:, :real], plain.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bucketed.loss, plain.loss, atol=1e-6, rtol=1e-5)
+    for a, b in zip(bucketed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

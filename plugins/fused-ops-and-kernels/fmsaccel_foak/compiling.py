@@ -42,7 +42,7 @@ def skip_reason(model: nn.Module, fsdp: bool) -> str | None:
     return None
 
 
-def compile_decoder_layers(model: nn.Module, scope: bool | str = True) -> list[nn.Module]:
+def compile_decoder_layers(model: nn.Module, scope: bool | str = True, cuda_graphs: bool = False) -> list[nn.Module]:
     """Compile the decoder layers of ``model`` in place; returns the layers compiled.
 
     ``scope`` True: each layer is its own region (one graph shared by all). ``"model"``: the
@@ -51,6 +51,7 @@ def compile_decoder_layers(model: nn.Module, scope: bool | str = True) -> list[n
     layer, and the checkpoint recompute runs inside the backward graph; it traces every layer,
     so the first step compiles for longer.
     """
+    import torch
     import torch._dynamo
 
     from .ops.rms_norm import sm_count
@@ -60,8 +61,12 @@ def compile_decoder_layers(model: nn.Module, scope: bool | str = True) -> list[n
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model)
+    if cuda_graphs and scope != "model":
+        raise ValueError("CUDA graphs are recorded for the decoder stack as one region: scope must be 'model'")
     if scope == "model" and layers:
-        model.get_decoder().compile(dynamic=True)
+        model.get_decoder().compile(dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
+        if cuda_graphs:
+            model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
         return layers
     for layer in layers:
         layer.compile(dynamic=True)

@@ -111,6 +111,8 @@ class FusedOpsPlugin(AccelerationPlugin):
                 self._shard_vocabulary(base, ctx)
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
+        elif self.keys["cuda_graphs"]:
+            raise PluginError("cuda_graphs replays the compiled decoder: it needs compile_layers: model")
         if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
             from .checkpointing import enable_selective_checkpointing
 
@@ -166,14 +168,22 @@ class FusedOpsPlugin(AccelerationPlugin):
             logger.warning("compile_layers: the decoder layers stay eager (%s)", why_not)
             ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
             return
-        scope = self.keys["compile_layers"]
-        layers = compile_decoder_layers(base, scope)
+        scope, cuda_graphs = self.keys["compile_layers"], self.keys["cuda_graphs"]
+        if cuda_graphs and scope != "model":
+            raise PluginError("cuda_graphs records the decoder stack as one region: set compile_layers: model")
+        if cuda_graphs and not ctx.extras.get("padding_free_buckets"):
+            logger.warning("cuda_graphs: rows are not bucketed (training.attention.padding_free.bucket_lengths), so "
+                           "every new batch shape records new CUDA graphs: slow and memory-hungry unless all rows "
+                           "have one length")
+            ctx.report.note(self.name, "cuda_graphs without padding-free length buckets: a recording per new shape")
+        layers = compile_decoder_layers(base, scope, cuda_graphs)
         if not layers:
             raise PluginError(f"compile_layers: {type(base).__name__} has no decoder layers to compile")
         if scope == "model":
+            graphs = ", replayed as CUDA graphs (recorded once per shape)" if cuda_graphs else ""
             ctx.report.add(self.name, f"{type(base.get_decoder()).__name__} ({len(layers)} "
                                       f"{type(layers[0]).__name__}) -> torch.compile as one region (dynamic shapes; "
-                                      "compiles on the first step)", 1)
+                                      f"compiles on the first step){graphs}", 1)
         else:
             ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
                                       "all layers; compiles on the first step)", len(layers))

@@ -135,3 +135,35 @@ def test_compile_layers_and_selective_checkpointing_refused_together():
     with pytest.raises(PluginError, match="cannot be combined"):
         build_plugin(PATH, compile_layers=True, selective_checkpointing=True).prepare_trainer(
             _Trainer(model), TrainContext(args={"gradient_checkpointing": True}))
+
+
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_cuda_graphs_need_the_decoder_compiled_as_one_region(compile_layers, monkeypatch):
+    import fmsaccel_foak.compiling
+
+    monkeypatch.setattr(fmsaccel_foak.compiling, "skip_reason", lambda model, fsdp: None)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(PluginError, match="compile_layers: model"):
+        build_plugin(PATH, compile_layers=compile_layers, cuda_graphs=True).prepare_trainer(
+            _Trainer(model), TrainContext(args={}))
+
+
+@pytest.mark.parametrize("buckets", [True, False])
+def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(buckets, monkeypatch, caplog):
+    """The decoder is compiled in reduce-overhead mode, a step is marked before each forward, rows unbucketed warn."""
+    import fmsaccel_foak.compiling
+
+    monkeypatch.setattr(fmsaccel_foak.compiling, "skip_reason", lambda model, fsdp: None)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    ctx = TrainContext(args={})
+    ctx.extras["padding_free_buckets"] = buckets
+    build_plugin(PATH, compile_layers="model", cuda_graphs=True).prepare_trainer(_Trainer(model), ctx)
+    assert compiled == [("LlamaModel", {"dynamic": True, "mode": "reduce-overhead"})]
+    assert any("replayed as CUDA graphs" in what for (_, what) in ctx.report.entries)
+    assert ("not bucketed" in caplog.text) is not buckets
+    model(input_ids=torch.tensor([[1, 2, 3]], device=next(model.parameters()).device))
+    assert marks == [True]
