@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # GPU call: fmsaccel bench for RECIPES on llama3-8b with one WORKLOAD (P or R), the baseline in the same call.
-# Every cell profiles its last two warm-up steps (FMSACCEL_PROFILE); the top kernels land in $OUT/profiles.txt.
+# Every cell profiles its last two warm-up steps (FMSACCEL_PROFILE). $OUT gets three files (the device tool returns
+# eight at most): console output as the caller tees it, summary-$WORKLOAD.txt, and details-$WORKLOAD.tgz with every
+# matrix's results CSV, its cells' plugin lines, errors and recompiles, and the profiles' top kernels.
 # VARIANT_RECIPES + VARIANTS run the same recipes again with one setting changed (below); summary-$WORKLOAD.txt has all.
 # The device call's limit (CALL_S, default 590 s of its 600) bounds the whole script: the bench gets what setup left,
 # less the time to copy results (BENCH_TIMEOUT caps it further), so a long matrix is cut, never the copying.
 set -u
 START=$(date +%s)
 source benchmarks/gpu/setup_device.sh || exit 1
+DETAILS=/tmp/e2e-details-$WORKLOAD
+rm -rf $DETAILS; mkdir -p $DETAILS
 python3 -c "from fmsaccel_cli.models import materialize; print(materialize('llama3-8b'))" 2>&1 | tail -1
 export FMSACCEL_PROFILE=1
 export TORCH_LOGS=${TORCH_LOGS:-recompiles}  # a recompile in the measured steps shows in the logs, with its guard
@@ -20,13 +24,13 @@ timeout ${BENCH_TIMEOUT} fmsaccel bench --matrix benchmarks/scenarios.yaml --rec
 # collect DIR NAME: a bench folder's results, and from its cell logs (a cell that dies before its first step leaves
 # no row, only its log) the plugin lines and errors, and Dynamo's recompiles
 collect() {
-  cp $1/results.csv $OUT/results-$2.csv 2>/dev/null
+  cp $1/results.csv $DETAILS/results-$2.csv 2>/dev/null
   for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error|cudagraph" "$f" | tail -30; done \
-    > $OUT/logs-$2.txt
-  for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done > $OUT/recompiles-$2.txt
+    > $DETAILS/logs-$2.txt
+  for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done > $DETAILS/recompiles-$2.txt
 }
 collect /tmp/bench-$WORKLOAD $WORKLOAD
-for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "$f"; done > $OUT/profiles-$WORKLOAD.txt
+for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "$f"; done > $DETAILS/profiles-$WORKLOAD.txt
 # Variants (VARIANT_RECIPES set): the same workload on the same machine, once per entry of
 # VARIANTS="label=set:KEY=VALUE label2=env:NAME=VALUE ...": --set options for the run (several joined by +), or an
 # environment variable, e.g. compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model
@@ -55,5 +59,7 @@ if [ -n "${VARIANT_RECIPES:-}" ]; then
     collect $dir $WORKLOAD-$label
   done
 fi
-python3 benchmarks/gpu/variant_summary.py $OUT/results-$WORKLOAD.csv $OUT/results-$WORKLOAD-*.csv 2>&1 | tee $OUT/summary-$WORKLOAD.txt
+python3 benchmarks/gpu/variant_summary.py $DETAILS/results-$WORKLOAD.csv $DETAILS/results-$WORKLOAD-*.csv 2>&1 \
+  | tee $OUT/summary-$WORKLOAD.txt
+tar czf $OUT/details-$WORKLOAD.tgz -C $DETAILS .
 true  # the missing results of a cut matrix are not the script's failure

@@ -50,6 +50,13 @@ def compile_decoder_layers(model: nn.Module, scope: bool | str = True, cuda_grap
     step pays one guard check and one compiled call forward and backward instead of one per
     layer, and the checkpoint recompute runs inside the backward graph; it traces every layer,
     so the first step compiles for longer.
+
+    ``cuda_graphs``: compiled in ``reduce-overhead`` mode, so Inductor's CUDA graph trees record
+    each compiled forward and backward once per input shape and replay them: a step launches
+    a few graphs (two per layer, or two for the stack) instead of thousands of kernels. The
+    trees chain the layers' graphs in call order and share one memory pool along the chain.
+    A new step is marked before each forward of ``model``: training, not the trees'
+    heuristics, decides when the previous step's outputs are dead.
     """
     import torch
     import torch._dynamo
@@ -61,13 +68,12 @@ def compile_decoder_layers(model: nn.Module, scope: bool | str = True, cuda_grap
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model)
-    if cuda_graphs and scope != "model":
-        raise ValueError("CUDA graphs are recorded for the decoder stack as one region: scope must be 'model'")
+    mode = "reduce-overhead" if cuda_graphs else None
+    if cuda_graphs and layers:
+        model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
     if scope == "model" and layers:
-        model.get_decoder().compile(dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
-        if cuda_graphs:
-            model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
+        model.get_decoder().compile(dynamic=True, mode=mode)
         return layers
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, mode=mode)
     return layers

@@ -112,7 +112,7 @@ class FusedOpsPlugin(AccelerationPlugin):
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
         elif self.keys["cuda_graphs"]:
-            raise PluginError("cuda_graphs replays the compiled decoder: it needs compile_layers: model")
+            raise PluginError("cuda_graphs replays the compiled decoder: it needs compile_layers: true or model")
         if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
             from .checkpointing import enable_selective_checkpointing
 
@@ -169,8 +169,6 @@ class FusedOpsPlugin(AccelerationPlugin):
             ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
             return
         scope, cuda_graphs = self.keys["compile_layers"], self.keys["cuda_graphs"]
-        if cuda_graphs and scope != "model":
-            raise PluginError("cuda_graphs records the decoder stack as one region: set compile_layers: model")
         if cuda_graphs and not ctx.extras.get("padding_free_buckets"):
             logger.warning("cuda_graphs: rows are not bucketed (training.attention.padding_free.bucket_lengths), so "
                            "every new batch shape records new CUDA graphs: slow and memory-hungry unless all rows "
@@ -179,14 +177,14 @@ class FusedOpsPlugin(AccelerationPlugin):
         layers = compile_decoder_layers(base, scope, cuda_graphs)
         if not layers:
             raise PluginError(f"compile_layers: {type(base).__name__} has no decoder layers to compile")
+        graphs = ", replayed as CUDA graphs (recorded once per shape)" if cuda_graphs else ""
         if scope == "model":
-            graphs = ", replayed as CUDA graphs (recorded once per shape)" if cuda_graphs else ""
             ctx.report.add(self.name, f"{type(base.get_decoder()).__name__} ({len(layers)} "
                                       f"{type(layers[0]).__name__}) -> torch.compile as one region (dynamic shapes; "
                                       f"compiles on the first step){graphs}", 1)
         else:
             ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
-                                      "all layers; compiles on the first step)", len(layers))
+                                      f"all layers; compiles on the first step){graphs}", len(layers))
 
     def _note_fp8(self, ctx: TrainContext) -> None:
         from .ops import fp8

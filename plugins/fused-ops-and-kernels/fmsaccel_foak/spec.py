@@ -20,8 +20,8 @@ _KEYS = {
                                      "kernel launches and less Python per step; compiles on the first step; "
                                      "'model': the whole decoder stack as one region (longer compile)"),
     "cuda_graphs": ConfigKey(bool, default=False,
-                             help="with compile_layers: model, replay the decoder's forward and backward as CUDA "
-                                  "graphs (one recording per row shape: pair with padding_free.bucket_lengths)"),
+                             help="with compile_layers, replay the compiled forwards and backwards as CUDA graphs "
+                                  "(one recording per row shape: pair with padding_free.bucket_lengths)"),
     "selective_checkpointing": ConfigKey(bool, default=False,
                                          help="under gradient checkpointing, keep attention outputs (memory and "
                                               "per-op CPU time for less recompute: long sequences only)"),

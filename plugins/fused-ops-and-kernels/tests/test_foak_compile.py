@@ -137,19 +137,14 @@ def test_compile_layers_and_selective_checkpointing_refused_together():
             _Trainer(model), TrainContext(args={"gradient_checkpointing": True}))
 
 
-@pytest.mark.parametrize("compile_layers", [False, True])
-def test_cuda_graphs_need_the_decoder_compiled_as_one_region(compile_layers, monkeypatch):
-    import fmsaccel_foak.compiling
-
-    monkeypatch.setattr(fmsaccel_foak.compiling, "skip_reason", lambda model, fsdp: None)
+def test_cuda_graphs_need_compiled_layers():
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
-    with pytest.raises(PluginError, match="compile_layers: model"):
-        build_plugin(PATH, compile_layers=compile_layers, cuda_graphs=True).prepare_trainer(
-            _Trainer(model), TrainContext(args={}))
+    with pytest.raises(PluginError, match="needs compile_layers"):
+        build_plugin(PATH, cuda_graphs=True).prepare_trainer(_Trainer(model), TrainContext(args={}))
 
 
-@pytest.mark.parametrize("buckets", [True, False])
-def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(buckets, monkeypatch, caplog):
+@pytest.mark.parametrize("scope,buckets", [("model", True), ("model", False), (True, True)])
+def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, buckets, monkeypatch, caplog):
     """The decoder is compiled in reduce-overhead mode, a step is marked before each forward, rows unbucketed warn."""
     import fmsaccel_foak.compiling
 
@@ -161,8 +156,9 @@ def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(buckets, 
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
     ctx = TrainContext(args={})
     ctx.extras["padding_free_buckets"] = buckets
-    build_plugin(PATH, compile_layers="model", cuda_graphs=True).prepare_trainer(_Trainer(model), ctx)
-    assert compiled == [("LlamaModel", {"dynamic": True, "mode": "reduce-overhead"})]
+    build_plugin(PATH, compile_layers=scope, cuda_graphs=True).prepare_trainer(_Trainer(model), ctx)
+    regions = ["LlamaModel"] if scope == "model" else ["LlamaDecoderLayer"] * 2
+    assert compiled == [(name, {"dynamic": True, "mode": "reduce-overhead"}) for name in regions]
     assert any("replayed as CUDA graphs" in what for (_, what) in ctx.report.entries)
     assert ("not bucketed" in caplog.text) is not buckets
     model(input_ids=torch.tensor([[1, 2, 3]], device=next(model.parameters()).device))
