@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import memory
-
-PROGRESS_TAG = "FMSACCEL_PROGRESS"  # the bench reads these lines (bench.runner)
+from . import PROGRESS_TAG, memory
 
 
 def is_main_process() -> bool:

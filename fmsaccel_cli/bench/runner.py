@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import PROGRESS_TAG
 from ..files import atomic_write
 from .matrix import NO_PLUGIN, BenchError, Cell
 
 RUN_CMD_ENV = "FMSACCEL_BENCH_RUN_CMD"
-PROGRESS_TAG = "FMSACCEL_PROGRESS"
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 CELLS_DIR = "cells"
