@@ -28,9 +28,16 @@ def _skip_unless_runs(backend: str, device: str, dtype: torch.dtype, training: b
         pytest.skip(f"{backend} cannot run here: {reason}")
 
 
+PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packing_kwargs(batch: dict) -> dict:
+    """The attention kwargs a padding-free batch carries (what transformers passes on to the attention)."""
+    return {key: batch[key] for key in PACKING_KEYS}
+
+
 def _model_kwargs(batch: dict, device: str, with_cu_seqlens: bool = True) -> dict:
-    keys = ["input_ids", "position_ids"] + (["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"]
-                                            if with_cu_seqlens else [])
+    keys = ["input_ids", "position_ids"] + (list(PACKING_KEYS) if with_cu_seqlens else [])
     return {k: batch[k].to(device) if torch.is_tensor(batch[k]) else batch[k] for k in keys}
 
 
@@ -144,7 +151,7 @@ def _packed_qkv(lengths, heads=4, kv_heads=2, dim=8):
 def test_a_call_the_backend_cannot_serve_is_an_error_or_a_loud_fallback():
     q, k, v, batch = _packed_qkv((3, 5))
     module = torch.nn.Module()
-    kwargs = {k_: batch[k_] for k_ in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    kwargs = _packing_kwargs(batch)
     with pytest.raises(RuntimeError, match="cannot serve this call"):
         A.make_attention_forward("varlen", strict=True)(module, q, k, v, None, **kwargs)
     with pytest.warns(UserWarning, match="using the masked SDPA path"):
@@ -224,7 +231,7 @@ def test_examples_of_one_length_run_as_a_dense_batch(lengths, dense, monkeypatch
     """A row of equal-length examples (workload P) skips the varlen kernel: dense causal SDPA, the same values
     and gradients as the block-causal reference."""
     q, k, v, batch = _packed_qkv(lengths)
-    kwargs = {k_: batch[k_] for k_ in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    kwargs = _packing_kwargs(batch)
     packed_calls = []
     monkeypatch.setitem(A.PACKED_BACKENDS, "sdpa_masked", A.PackedBackend(
         lambda *a: packed_calls.append(1) or A.sdpa_masked_attention(*a), supports_dropout=True))
@@ -246,7 +253,7 @@ def test_examples_of_one_length_run_as_a_dense_batch(lengths, dense, monkeypatch
 def test_equal_length_rows_keep_the_backends_dropout_refusal():
     """varlen and flex refuse attention dropout on every row, so the dense path does not accept it on some rows."""
     q, k, v, batch = _packed_qkv((6, 6))
-    kwargs = {k_: batch[k_] for k_ in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    kwargs = _packing_kwargs(batch)
     forward = A.make_attention_forward("flex", strict=True)
     out, _ = forward(torch.nn.Module(), q, k, v, None, **kwargs)  # dense: flex itself is never reached
     assert out.shape == (1, 12, 4, 8)
