@@ -18,6 +18,9 @@
 # FMSACCEL_PROFILE=1 copies each run's profile (rank 0) to $OUT/profile-NAME.txt. REF=0 skips the 1-GPU run with 2
 # accumulation steps (the loss reference); SETUPS with ddpl adds DDP runs that keep TRL's metrics on each rank
 # (distributed.gather_step_metrics: false) beside the default ones, which gather them in every micro-step as TRL does.
+# Issue 9's DDP scaling with multipack across ranks (session 8, README "Multi-GPU"): KINDS="qlora gptq" SETUPS="b4 ddp"
+# REF=0 STEPS=16 WARMUP=6 EXTRA_SET="max_seq_length=2048 plugins.training.dataloader.multipack.num_processes=1
+# plugins.peft.quantization.fused_ops_and_kernels.compile_layers=false" (about 5 minutes on a fresh machine).
 set -u
 START=$(date +%s)
 OUT=${OUT:-${1:-/tmp/multi-gpu-out}}
