@@ -29,6 +29,19 @@ def test_augment_switches_attention_and_reports_the_backend(tiny_llama):
     assert isinstance(plugin.data_collator(ctx), PaddingFreeCollator)
 
 
+@pytest.mark.parametrize("buckets", [False, True])
+def test_length_buckets_reach_the_collator_and_the_other_plugins(buckets, tiny_llama):
+    """bucket_lengths: the collator pads rows to the ladder, and foak's cuda_graphs can see that it does."""
+    plugin = _build({PADDING_FREE: {**PF, "bucket_lengths": buckets}})
+    ctx = TrainContext(args={}, torch_dtype=torch.float32)
+    plugin.augment(tiny_llama(), ctx)
+    assert ctx.extras["padding_free_buckets"] is buckets
+    assert any("ladder of fixed lengths" in m for _, m in ctx.report.notes) is buckets
+    batch = plugin.data_collator(ctx)([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
+    assert ("num_padding_tokens" in batch) is buckets
+    assert batch["input_ids"].shape[1] == (64 if buckets else 5)
+
+
 def test_augment_reaches_through_a_peft_wrapper(tiny_llama):
     from peft import LoraConfig, get_peft_model
 
