@@ -108,6 +108,11 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         return self.config.get(MULTIPACK)
 
     @property
+    def bucket_lengths(self) -> bool:
+        """Padding-free rows padded to fixed lengths (for CUDA graphs)."""
+        return bool((self.padding_free or {}).get("bucket_lengths", False))
+
+    @property
     def sdpa(self) -> dict[str, Any] | None:
         return self.config.get(SDPA)
 
@@ -124,11 +129,11 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
         ctx.report.add(self.name, f"attention -> padding-free {backend}", _count_attention_layers(base))
         ctx.report.note(self.name, f"padding-free attention backend: {backend} [{why}]; rows whose examples all have "
                                    "one length run as a dense batch on causal SDPA")
-        if self.padding_free.get("bucket_lengths", False):
+        if self.bucket_lengths:
             ctx.report.note(self.name, "padding-free rows padded to a ladder of fixed lengths (filler examples, "
                                        "not trained on, not counted as tokens)")
         ctx.extras["padding_free"] = True
-        ctx.extras["padding_free_buckets"] = bool(self.padding_free.get("bucket_lengths", False))
+        ctx.extras["padding_free_buckets"] = self.bucket_lengths
         ctx.extras["padding_free_backend"] = backend
         ctx.extras["multipack"] = self.multipack is not None
         return model
@@ -150,7 +155,7 @@ class AttentionAndPackingPlugin(AccelerationPlugin):
     def data_collator(self, ctx: TrainContext):
         if self.padding_free is None:
             return None
-        return PaddingFreeCollator(bool(self.padding_free.get("bucket_lengths", False)))
+        return PaddingFreeCollator(self.bucket_lengths)
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         if self.multipack is None:

@@ -49,6 +49,9 @@ class FusedOpsPlugin(AccelerationPlugin):
         if self.keys["fp8_matmul"] and not self.keys["fused_lora"]:
             raise PluginError(f"plugins.{active[0]}.fp8_matmul runs the fused LoRA op's base matmuls in FP8: it "
                               "needs fused_lora: true")
+        if self.keys["cuda_graphs"] and not self.keys["compile_layers"]:
+            raise PluginError(f"plugins.{active[0]}.cuda_graphs replays the compiled decoder: it needs "
+                              "compile_layers: true or model")
         self._installed: list[tuple] = []  # foak forwards on submodules, checked again in prepare_trainer
 
     def augment(self, model, ctx: TrainContext):
@@ -111,8 +114,6 @@ class FusedOpsPlugin(AccelerationPlugin):
                 self._shard_vocabulary(base, ctx)
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
-        elif self.keys["cuda_graphs"]:
-            raise PluginError("cuda_graphs replays the compiled decoder: it needs compile_layers: true or model")
         if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
             from .checkpointing import enable_selective_checkpointing
 
