@@ -6,9 +6,9 @@
 #   buckets      bucket_lengths alone (compiled layers, no graphs: what the buckets cost)
 #   plain        the recipe as it is
 # Every run has gradient checkpointing on, as the bench has (GC=false turns it off). Prints tokens/s (mean and median
-# step), peak memory and the final loss per run. The trainer prints every thread's stack every STACKS_S seconds
-# (FMSACCEL_STACKS_EVERY_S), so a run that outlives RUN_TIMEOUT shows where it was. Each log is cut to its last 400 lines (with
-# counts of Dynamo's recompiles and Inductor's "skipping cudagraphs" reasons) so that it fits what comes back in $OUT.
+# step), peak memory and the final loss per run. Each log is cut to its last 400 lines (with counts of Dynamo's
+# recompiles and Inductor's "skipping cudagraphs" reasons) so that it fits what comes back in $OUT. (Periodic stack
+# dumps through faulthandler.dump_traceback_later crashed the trainer with SIGSEGV on Python 3.12 in s9c1: not used.)
 #   bash benchmarks/gpu/run_cuda_graphs.sh        (repo root, .whl carried; env: MODEL RECIPE RUNS STEPS WARMUP RUN_TIMEOUT)
 set -u
 START=$(date +%s)
@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 source benchmarks/gpu/setup_device.sh || exit 1
 MODEL=${MODEL:-llama3.2-1b}
 RECIPE=${RECIPE:-accelerated-peft-autogptq-foak-padding-free}
-export TORCH_LOGS=${TORCH_LOGS:-recompiles,perf_hints} FMSACCEL_STACKS_EVERY_S=${STACKS_S:-60}
+export TORCH_LOGS=${TORCH_LOGS:-recompiles,perf_hints}
 GRAPHS="--set plugins.peft.quantization.fused_ops_and_kernels.cuda_graphs=true"
 BUCKETS="--set plugins.training.attention.padding_free.bucket_lengths=true"
 
