@@ -81,10 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     config_path = Path([a for a in argv if not a.startswith("--")][0])
     cfg = yaml.safe_load(config_path.read_text())
     args: dict[str, Any] = cfg["arguments"]
-    if os.environ.get("FMSACCEL_STACKS_EVERY_S"):  # a run that seems stuck: where is every thread, every N s
-        import faulthandler
-
-        faulthandler.dump_traceback_later(float(os.environ["FMSACCEL_STACKS_EVERY_S"]), repeat=True)
     try:
         return _train(cfg, args, resume)
     except (PluginError, data.DataError, recipes.RecipeError, FileNotFoundError) as e:
