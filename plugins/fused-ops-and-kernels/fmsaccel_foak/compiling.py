@@ -18,6 +18,8 @@ idempotent (per-forward metadata caches, one-time notices), so it is told.
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 
@@ -74,6 +76,48 @@ def compile_decoder_layers(model: nn.Module, scope: bool | str = True, cuda_grap
     if scope == "model" and layers:
         model.get_decoder().compile(dynamic=True, mode=mode)
         return layers
+    if cuda_graphs and layers:
+        checkpoint_inside(model, layers)
     for layer in layers:
         layer.compile(dynamic=True, mode=mode)
     return layers
+
+
+def _run_directly(function, *args):
+    """Stands in for a layer's checkpoint function where foak checkpoints inside the compiled region instead."""
+    return function(*args)
+
+
+def checkpoint_inside(model: nn.Module, layers: list[nn.Module]) -> None:
+    """Gradient checkpointing of ``layers`` runs inside each layer's compiled region, whatever transformers does.
+
+    transformers up to 5.1x checkpoints a layer's ``__call__``, around the compiled region, so
+    the recompute replays the layer's forward graph in the middle of the backward. CUDA graph
+    trees cannot record that consistently (s9c2, llama3-8b: "graph recording observed an input
+    tensor deallocate during graph recording that did not occur during replay"). Here each
+    layer's own ``forward`` calls the checkpoint function, so Dynamo traces it as a recompute
+    region of the layer's graph and the backward graph recomputes by itself; transformers'
+    call site (wherever it is) gets a pass-through. The checkpoint function stays the one
+    transformers installs (``gradient_checkpointing_enable``, whoever calls it, whenever): a
+    pre-hook on ``model`` moves it into place before each forward.
+    """
+
+    def move_checkpoint_functions(*_):
+        for layer in layers:
+            fn = layer.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and fn is not _run_directly:
+                layer._foak_checkpoint_func = fn
+                layer._gradient_checkpointing_func = _run_directly
+
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed_forward, layer, layer.forward)
+    model.register_forward_pre_hook(move_checkpoint_functions)
+
+
+def _checkpointed_forward(layer: nn.Module, forward, *args, **kwargs):
+    import torch
+
+    checkpoint = getattr(layer, "_foak_checkpoint_func", None)
+    if checkpoint is not None and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        return checkpoint(functools.partial(forward, **kwargs), *args)
+    return forward(*args, **kwargs)

@@ -21,7 +21,7 @@ class _Trainer:
         self.model = model
 
 
-def _model(compiled: bool, base_layer: str | None):
+def _model(compiled: bool | str, base_layer: str | None, **keys):
     """Tiny Llama, LoRA (dropout 0.1) on q/k/v/o, all foak kernels, padding-free attention, checkpointing."""
     model = quantize_decoder(tiny_model("llama"), base_layer)
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def _model(compiled: bool, base_layer: str | None):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = build_plugin(PATH, base_layer=base_layer, compile_layers=compiled, **KERNELS)
+    plugin = build_plugin(PATH, base_layer=base_layer, compile_layers=compiled, **KERNELS, **keys)
     model = plugin.augment(model, ctx)
     model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
     model.gradient_checkpointing_enable()
@@ -163,3 +163,51 @@ def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, bu
     assert ("not bucketed" in caplog.text) is not buckets
     model(input_ids=torch.tensor([[1, 2, 3]], device=next(model.parameters()).device))
     assert marks == [True]
+
+
+def test_cuda_graphs_checkpoint_inside_each_compiled_layer(monkeypatch):
+    """Under cuda_graphs each layer checkpoints inside its compiled region (transformers' call site passes through).
+
+    On the CPU the graphs themselves are skipped by Inductor; what is tested is that the checkpoint moved
+    (transformers' function runs once per layer and forward, from the layer's own forward), that the layers
+    still compile to one graph without breaks, and that loss and gradients match the eager model.
+    """
+    from fmsaccel_foak.compiling import _run_directly
+
+    _fresh_dynamo_on_the_cpu(monkeypatch)
+    eager, _ = _model(False, None)
+    compiled, _ = _model(True, None, cuda_graphs=True)
+    _assert_matches_eager(eager, compiled)
+    layers = [m for m in compiled.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert all(layer._gradient_checkpointing_func is _run_directly for layer in layers)
+    assert all(layer._foak_checkpoint_func.func is torch.utils.checkpoint.checkpoint for layer in layers)
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] == 1 and not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_checkpoint_inside_calls_the_installed_function_once_per_layer_and_forward():
+    """Eager, with a spy for transformers' checkpoint function: installed later, still moved and used."""
+    from fmsaccel_foak.compiling import _run_directly, checkpoint_inside
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    checkpoint_inside(model, layers)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    calls = []
+
+    def spy(function, *args):
+        calls.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+    for layer in layers:
+        layer._gradient_checkpointing_func = spy  # as gradient_checkpointing_enable would, after the patch
+    model.train()
+    ids = torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == len(layers)  # once each: transformers' own call site ran the layer directly
+    assert all(layer._gradient_checkpointing_func is _run_directly for layer in layers)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == len(layers)  # no checkpoint without gradients
