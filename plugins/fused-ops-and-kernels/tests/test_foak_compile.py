@@ -161,6 +161,7 @@ def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, bu
     assert compiled == [(name, {"dynamic": True, "mode": "reduce-overhead"}) for name in regions]
     assert any("replayed as CUDA graphs" in what for (_, what) in ctx.report.entries)
     assert ("not bucketed" in caplog.text) is not buckets
+    assert "cuda_graphs is experimental" in caplog.text  # said loudly until a GPU run has gone through with it
     model(input_ids=torch.tensor([[1, 2, 3]], device=next(model.parameters()).device))
     assert marks == [True]
 
