@@ -166,8 +166,9 @@ class FusedOpsPlugin(AccelerationPlugin):
                               "policy dispatches every op in Python); choose one")
         why_not = skip_reason(base, ctx.fsdp)
         if why_not:  # the padding-free foak recipes ask for it; an FSDP or CPU run of them still trains, eagerly
-            logger.warning("compile_layers: the decoder layers stay eager (%s)", why_not)
-            ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
+            what = "compile_layers and cuda_graphs" if self.keys["cuda_graphs"] else "compile_layers"
+            logger.warning("%s: the decoder layers stay eager (%s)", what, why_not)
+            ctx.report.note(self.name, f"{what} skipped: {why_not}")
             return
         scope, cuda_graphs = self.keys["compile_layers"], self.keys["cuda_graphs"]
         if cuda_graphs and not ctx.extras.get("padding_free_buckets"):

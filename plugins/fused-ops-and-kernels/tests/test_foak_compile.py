@@ -212,3 +212,12 @@ def test_checkpoint_inside_calls_the_installed_function_once_per_layer_and_forwa
     with torch.no_grad():
         model(input_ids=ids)
     assert len(calls) == len(layers)  # no checkpoint without gradients
+
+
+def test_cuda_graphs_skipped_loudly_with_the_compiled_layers(caplog):
+    """On the CPU the layers stay eager; the report names cuda_graphs too, not only compile_layers."""
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    ctx = TrainContext(args={})
+    build_plugin(PATH, compile_layers=True, cuda_graphs=True).prepare_trainer(_Trainer(model), ctx)
+    assert any(what.startswith("compile_layers and cuda_graphs skipped") for (_, what) in ctx.report.notes)
+    assert "compile_layers and cuda_graphs: the decoder layers stay eager" in caplog.text
