@@ -52,6 +52,10 @@ class FusedOpsPlugin(AccelerationPlugin):
         if self.keys["cuda_graphs"] and not self.keys["compile_layers"]:
             raise PluginError(f"plugins.{active[0]}.cuda_graphs replays the compiled decoder: it needs "
                               "compile_layers: true or model")
+        if self.keys["checkpoint_in_graph"] and self.keys["compile_layers"] is not True:
+            raise PluginError(f"plugins.{active[0]}.checkpoint_in_graph moves each layer's checkpoint into its "
+                              "compiled region: it needs compile_layers: true (with 'model' the checkpoints are "
+                              "inside the one region already)")
         self._installed: list[tuple] = []  # foak forwards on submodules, checked again in prepare_trainer
 
     def augment(self, model, ctx: TrainContext):
@@ -181,10 +185,13 @@ class FusedOpsPlugin(AccelerationPlugin):
                            "crashed in CUDA graph trees under checkpointing, now checkpointed inside each layer; "
                            "the second was cut while compiling); compare with a run without it")
             ctx.report.note(self.name, "cuda_graphs is experimental (not yet seen through a whole GPU run)")
-        layers = compile_decoder_layers(base, scope, cuda_graphs)
+        inside = scope is True and (cuda_graphs or self.keys["checkpoint_in_graph"])
+        layers = compile_decoder_layers(base, scope, cuda_graphs, checkpoint_in_graph=inside)
         if not layers:
             raise PluginError(f"compile_layers: {type(base).__name__} has no decoder layers to compile")
         graphs = ", replayed as CUDA graphs (recorded once per shape)" if cuda_graphs else ""
+        if inside and ctx.args.get("gradient_checkpointing"):
+            graphs += ", checkpointed inside the graph (the recompute runs in the backward graph)"
         if scope == "model":
             ctx.report.add(self.name, f"{type(base.get_decoder()).__name__} ({len(layers)} "
                                       f"{type(layers[0]).__name__}) -> torch.compile as one region (dynamic shapes; "

@@ -22,6 +22,10 @@ _KEYS = {
     "cuda_graphs": ConfigKey(bool, default=False,
                              help="with compile_layers, replay the compiled forwards and backwards as CUDA graphs "
                                   "(one recording per row shape: pair with padding_free.bucket_lengths)"),
+    "checkpoint_in_graph": ConfigKey(bool, default=False,
+                                     help="with compile_layers true, each layer checkpoints inside its compiled "
+                                          "region: one compiled forward call per layer and step, the recompute in "
+                                          "the backward graph (always so with cuda_graphs)"),
     "selective_checkpointing": ConfigKey(bool, default=False,
                                          help="under gradient checkpointing, keep attention outputs (memory and "
                                               "per-op CPU time for less recompute: long sequences only)"),

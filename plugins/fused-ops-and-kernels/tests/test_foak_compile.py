@@ -137,6 +137,12 @@ def test_compile_layers_and_selective_checkpointing_refused_together():
             _Trainer(model), TrainContext(args={"gradient_checkpointing": True}))
 
 
+@pytest.mark.parametrize("scope", [False, "model"])
+def test_checkpoint_in_graph_needs_per_layer_compilation(scope):
+    with pytest.raises(PluginError, match="checkpoint_in_graph .* needs compile_layers: true"):
+        build_plugin(PATH, compile_layers=scope, checkpoint_in_graph=True)
+
+
 def test_cuda_graphs_need_compiled_layers():
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(PluginError, match="needs compile_layers"):
@@ -166,18 +172,20 @@ def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, bu
     assert marks == [True]
 
 
-def test_cuda_graphs_checkpoint_inside_each_compiled_layer(monkeypatch):
-    """Under cuda_graphs each layer checkpoints inside its compiled region (transformers' call site passes through).
+@pytest.mark.parametrize("keys", [{"cuda_graphs": True}, {"checkpoint_in_graph": True}])
+def test_checkpoint_inside_each_compiled_layer(keys, monkeypatch):
+    """With cuda_graphs (or checkpoint_in_graph) each layer checkpoints inside its compiled region.
 
-    On the CPU the graphs themselves are skipped by Inductor; what is tested is that the checkpoint moved
-    (transformers' function runs once per layer and forward, from the layer's own forward), that the layers
-    still compile to one graph without breaks, and that loss and gradients match the eager model.
+    transformers' call site passes through. On the CPU Inductor skips the graphs themselves; what is tested
+    is that the checkpoint moved (transformers' function now sits in the layer's own forward), that the
+    layers still compile to one graph without breaks, and that loss and gradients match the eager model.
     """
     from fmsaccel_foak.compiling import _run_directly
 
     _fresh_dynamo_on_the_cpu(monkeypatch)
     eager, _ = _model(False, None)
-    compiled, _ = _model(True, None, cuda_graphs=True)
+    compiled, ctx = _model(True, None, **keys)
+    assert any("checkpointed inside the graph" in what for (_, what) in ctx.report.entries)
     _assert_matches_eager(eager, compiled)
     layers = [m for m in compiled.modules() if type(m).__name__ == "LlamaDecoderLayer"]
     assert all(layer._gradient_checkpointing_func is _run_directly for layer in layers)
