@@ -146,6 +146,20 @@ def test_cross_entropy(dtype, reduction):
              [_randn(13, 300, scale=3.0)], dtype, ["loss", "dlogits"])
 
 
+@pytest.mark.parametrize("n_rows", [5, 8])
+def test_logit_stats_outputs_are_aligned_for_every_token_count(n_rows):
+    """Triton specialises pointers on 16-byte alignment: the stats must not flip it with the token count."""
+    from fmsaccel_foak.ops.cross_entropy import logit_stats
+
+    logits = torch.randn(n_rows, 40, device=DEVICE)
+    targets = torch.randint(0, 40, (n_rows,), device=DEVICE)
+    outputs = logit_stats(logits, targets, entropy=True)
+    assert all(t.data_ptr() % 16 == 0 for t in outputs)
+    lse = torch.logsumexp(logits, dim=-1)
+    torch.testing.assert_close(outputs[0], lse)
+    torch.testing.assert_close(outputs[1], logits.gather(1, targets[:, None])[:, 0])
+
+
 def test_cross_entropy_num_items_in_batch():
     """Under gradient accumulation HF divides the summed loss by the tokens of the whole batch."""
     logits, targets = _randn(6, 40), torch.tensor([1, 2, -100, 3, 4, 5], device=DEVICE)

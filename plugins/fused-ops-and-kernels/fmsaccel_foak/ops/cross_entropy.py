@@ -79,7 +79,10 @@ def logit_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per row of ``scale * logits``: log-sum-exp, the target's logit, the max logit and (optionally) the entropy."""
     n_rows, n_cols = logits.shape
-    out = torch.empty((4 if entropy else 3, n_rows), dtype=torch.float32, device=logits.device)
+    # each output row starts 16-byte aligned whatever n_rows: Triton specialises pointers on their alignment, and a
+    # token count that is not a multiple of 4 would otherwise compile a second variant in the middle of training
+    out = torch.empty((4 if entropy else 3, triton.cdiv(n_rows, 4) * 4), dtype=torch.float32,
+                      device=logits.device)[:, :n_rows]
     block_m, block_v = _stats_block(n_rows, n_cols)
     _ce_stats_kernel[(triton.cdiv(n_rows, block_m),)](
         logits, targets, out[0], out[1], out[2], out[3] if entropy else out[0], n_rows, n_cols, logits.stride(0),
