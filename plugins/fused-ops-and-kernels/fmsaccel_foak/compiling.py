@@ -13,7 +13,9 @@ so the checkpoint stays outside the compiled region and the recompute reruns the
 compiled forward; later versions checkpoint ``forward``, inside it, where Dynamo traces
 the checkpoint as a region the partitioner recomputes. Inside that region Dynamo refuses
 Python side effects unless told they need no replay in the recompute; ours are
-idempotent (per-forward metadata caches, one-time notices), so it is told.
+idempotent (per-forward metadata caches, one-time notices), so it is told. With
+``checkpoint_in_graph`` (and always with CUDA graphs) foak puts the checkpoint inside each
+layer's region on 5.1x too (:func:`checkpoint_inside`).
 """
 
 from __future__ import annotations
