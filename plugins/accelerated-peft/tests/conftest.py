@@ -1,20 +1,16 @@
 """Shared fixtures for the accelerated-peft tests.
 
-Without CUDA the Triton kernels run under the Triton interpreter; it must be switched on
-before triton is imported (``triton.jit`` reads it when it decorates a kernel).
+Without CUDA the Triton kernels run under the Triton interpreter, switched on by the repository's
+root ``conftest.py`` before any kernel is decorated.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)  # test tensors are tiny: more OpenMP threads only contend (100x slower on a busy CPU)
-
-import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

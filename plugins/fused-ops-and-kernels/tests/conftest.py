@@ -1,7 +1,5 @@
-"""foak tests run the Triton kernels on the CPU through Triton's interpreter when there is no GPU.
-
-The interpreter must be chosen before any kernel is decorated, so this sets it before
-anything imports triton (pytest loads this file before the test modules).
+"""foak tests: shared helpers and fixtures. Without a GPU the Triton kernels run under Triton's interpreter,
+switched on by the repository's root ``conftest.py`` before any kernel is decorated.
 """
 
 from __future__ import annotations
@@ -9,12 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # foak_testing (shared helpers) under --import-mode=importlib
 
