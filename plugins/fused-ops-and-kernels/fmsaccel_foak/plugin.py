@@ -175,12 +175,13 @@ class FusedOpsPlugin(AccelerationPlugin):
             ctx.report.note(self.name, f"{what} skipped: {why_not}")
             return
         scope, cuda_graphs = self.keys["compile_layers"], self.keys["cuda_graphs"]
-        if cuda_graphs and not ctx.extras.get("padding_free_buckets"):
-            logger.warning("cuda_graphs: rows are not bucketed (training.attention.padding_free.bucket_lengths), so "
-                           "every new batch shape records new CUDA graphs: slow and memory-hungry unless all rows "
-                           "have one length")
-            ctx.report.note(self.name, "cuda_graphs without padding-free length buckets: a recording per new shape")
         if cuda_graphs:
+            if not ctx.extras.get("padding_free_buckets"):
+                logger.warning("cuda_graphs: rows are not bucketed (training.attention.padding_free.bucket_lengths), "
+                               "so every new batch shape records new CUDA graphs: slow and memory-hungry unless all "
+                               "rows have one length")
+                ctx.report.note(self.name, "cuda_graphs without padding-free length buckets: a recording per new "
+                                           "shape")
             logger.warning("cuda_graphs is experimental: no run with it has finished on a GPU yet (s9: the first "
                            "crashed in CUDA graph trees under checkpointing, now checkpointed inside each layer; "
                            "the second was cut while compiling); compare with a run without it")
