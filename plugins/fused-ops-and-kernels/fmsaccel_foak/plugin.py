@@ -56,6 +56,10 @@ class FusedOpsPlugin(AccelerationPlugin):
             raise PluginError(f"plugins.{active[0]}.checkpoint_in_graph moves each layer's checkpoint into its "
                               "compiled region: it needs compile_layers: true (with 'model' the checkpoints are "
                               "inside the one region already)")
+        budget = self.keys["activation_budget_gib"]
+        if budget is not None and budget <= 0:
+            raise PluginError(f"plugins.{active[0]}.activation_budget_gib must be a positive number of GiB (or "
+                              f"null for full checkpointing), not {budget}")
         self._installed: list[tuple] = []  # foak forwards on submodules, checked again in prepare_trainer
 
     def augment(self, model, ctx: TrainContext):
@@ -123,6 +127,30 @@ class FusedOpsPlugin(AccelerationPlugin):
 
             enable_selective_checkpointing(base.base_model)
             ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
+        if self.keys["activation_budget_gib"] is not None:
+            self._budget_checkpointing(base, ctx)
+
+    def _budget_checkpointing(self, base, ctx: TrainContext) -> None:
+        from .checkpointing import enable_activation_budget, layers_to_keep, saved_bytes_per_token
+        from .compiling import decoder_layers
+
+        budget = self.keys["activation_budget_gib"]
+        if not ctx.args.get("gradient_checkpointing"):
+            logger.warning("activation_budget_gib: gradient checkpointing is off, every layer keeps its activations "
+                           "already; the budget does nothing")
+            ctx.report.note(self.name, "activation_budget_gib ignored: gradient checkpointing is off")
+            return
+        layers = decoder_layers(base)
+        if not layers:
+            raise PluginError(f"activation_budget_gib: {type(base).__name__} has no checkpointable decoder layers")
+        per_token = saved_bytes_per_token(base.config)
+        budget_bytes = int(budget * 2**30)
+        example = ", ".join(f"{layers_to_keep(len(layers), n, budget_bytes, per_token)} at {n:,}"
+                            for n in (512, 2048, 8192))
+        ctx.report.add(self.name, f"gradient checkpointing -> up to {budget:g} GiB of activations kept, the last "
+                                  f"layers unchecked per step (~{per_token / 1024:.0f} KiB a token and layer: of "
+                                  f"{len(layers)} layers, {example} tokens)", 1)
+        enable_activation_budget(base.get_decoder(), layers, budget_bytes, per_token)
 
     def _shard_vocabulary(self, base, ctx: TrainContext) -> None:
         """Under FSDP, split a frozen lm_head and input embedding by vocabulary instead of letting FSDP gather them.

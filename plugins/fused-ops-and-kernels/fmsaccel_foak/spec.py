@@ -29,6 +29,10 @@ _KEYS = {
     "selective_checkpointing": ConfigKey(bool, default=False,
                                          help="under gradient checkpointing, keep attention outputs (memory and "
                                               "per-op CPU time for less recompute: long sequences only)"),
+    "activation_budget_gib": ConfigKey((int, float, type(None)), default=None,
+                                       help="under gradient checkpointing, each step runs its last decoder layers "
+                                            "unchecked while their activations fit in this many GiB: short "
+                                            "padding-free steps skip most of the recompute"),
 }
 
 FOAK = PluginSpec(

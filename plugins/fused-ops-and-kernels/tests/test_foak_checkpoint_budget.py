@@ -1,0 +1,148 @@
+"""activation_budget_gib: each step un-checkpoints its last decoder layers while their activations fit the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from foak_testing import DEVICE, build_plugin, tiny_model
+from peft import LoraConfig, get_peft_model
+
+from fmsaccel_aadp.attention import register_attention
+from fmsaccel_aadp.collator import collate_padding_free
+from fmsaccel_foak.checkpointing import layers_to_keep, saved_bytes_per_token
+from fmsaccel_framework.plugin import PluginError, TrainContext
+
+KERNELS = dict(fused_lora=True, fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True,
+               fast_loss="fused_ce_liger")
+
+
+def _model(layers: int = 4, dtype=torch.float32, checkpointing: bool = True, **keys):
+    """Tiny Llama (GQA), LoRA with dropout on q/k/v/o, every foak kernel, padding-free attention."""
+    model = tiny_model("llama", num_hidden_layers=layers, dtype=dtype, **keys.pop("shape", {}))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ctx = TrainContext(args={"gradient_checkpointing": checkpointing})
+    plugin = build_plugin(**KERNELS, **keys)
+    model = plugin.augment(model, ctx)
+    model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    return model, ctx
+
+
+def _batch(lengths):
+    g = torch.Generator().manual_seed(sum(lengths))
+    batch = collate_padding_free([{"input_ids": torch.randint(0, 128, (n,), generator=g).tolist()} for n in lengths])
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _layers(model):
+    return list(model.get_base_model().model.layers)
+
+
+def _record_checkpointing(model) -> list[bool]:
+    """Each decoder layer's checkpointing flag when it runs (appended in call order)."""
+    seen: list[bool] = []
+    for layer in _layers(model):
+        layer.register_forward_pre_hook(lambda m, args: seen.append(bool(m.gradient_checkpointing)))
+    return seen
+
+
+def _step(model, batch):
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(3)  # LoRA dropout masks
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_layers_to_keep():
+    assert layers_to_keep(32, 1000, 10_000_000, 1000) == 10
+    assert layers_to_keep(32, 100, 10_000_000, 1000) == 32  # capped at the layer count
+    assert layers_to_keep(32, 20_000, 10_000_000, 1000) == 0
+    assert layers_to_keep(4, 0, 1, 1000) == 4
+
+
+def test_short_steps_run_their_last_layers_unchecked_with_the_same_gradients():
+    """The plan follows each step's token count; the loss and LoRA gradients equal full checkpointing."""
+    per_token = saved_bytes_per_token(tiny_model("llama").config)
+    budget_gib = 2 * 40 * per_token / 2**30  # two layers at 40 tokens, four at 20, one at 80
+    model, ctx = _model(activation_budget_gib=budget_gib)
+    full, _ = _model()
+    assert "the last layers unchecked per step" in "\n".join(ctx.report.lines())
+    seen = _record_checkpointing(model)
+    for lengths, plan in [((25, 15), [True, True, False, False]), ((12, 8), [False] * 4),
+                          ((50, 30), [True, True, True, False]), ((25, 15), [True, True, False, False])]:
+        seen.clear()
+        batch = _batch(lengths)
+        got_loss, got = _step(model, batch)
+        want_loss, want = _step(full, batch)
+        assert seen == plan, lengths
+        torch.testing.assert_close(got_loss, want_loss)
+        assert got.keys() == want.keys() and len(got) == 32
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+def test_evaluation_and_disabled_checkpointing_are_left_alone():
+    per_token = saved_bytes_per_token(tiny_model("llama").config)
+    model, _ = _model(activation_budget_gib=100 * 40 * per_token / 2**30)  # every layer fits
+    seen = _record_checkpointing(model)
+    batch = _batch((25, 15))
+    _step(model, batch)
+    assert seen == [False] * 4
+    model.eval()
+    seen.clear()
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    assert all(layer.gradient_checkpointing for layer in _layers(model))  # restored; eval does not release
+    model.gradient_checkpointing_disable()
+    _step(model, batch)
+    _step(model, batch)
+    assert not any(layer.gradient_checkpointing for layer in _layers(model))
+
+
+def test_estimate_bounds_what_a_patched_layer_saves():
+    """The per-token estimate is at least what an unchecked layer keeps for its backward, and not far above it."""
+    shape = dict(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=2)
+    lengths = (40, 24)
+    tokens = sum(lengths)
+
+    def saved(layers: int) -> int:
+        model, _ = _model(layers, torch.bfloat16, checkpointing=False, shape=shape)
+        params = {p.data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):  # the CPU attention's [tokens, tokens] weights are left out: GPU kernels keep none
+            if t.data_ptr() not in params and tuple(t.shape[-2:]) != (tokens, tokens):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**_batch(lengths), use_cache=False)
+        return sum(storages.values())
+
+    measured = (saved(3) - saved(1)) / 2 / tokens
+    estimate = saved_bytes_per_token(tiny_model("llama", **shape).config)
+    assert measured <= estimate <= 1.5 * measured, (measured, estimate)
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(PluginError, match="activation_budget_gib must be a positive number"):
+        build_plugin(activation_budget_gib=0)
+
+
+def test_budget_without_checkpointing_says_it_does_nothing(caplog):
+    _, ctx = _model(checkpointing=False, activation_budget_gib=1.0)
+    assert "activation_budget_gib ignored: gradient checkpointing is off" in "\n".join(ctx.report.lines())
+    assert "the budget does nothing" in caplog.text
