@@ -51,7 +51,7 @@ def fused_linear_forward(keep_weights: bool, fp8: bool = False) -> Callable:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not fusable(self):
             return type(self).forward(self, x, *args, **kwargs)
-        return ops.fused_lora(x, [self], keep_weights, fp8)[0]
+        return ops.fused_lora(x, [self], keep_weights and self._foak_keep_weights, fp8)[0]
 
     return forward
 
@@ -79,8 +79,8 @@ def fused_attention_forward(modeling, keep_weights: bool, fp8: bool = False, sli
         legacy_cache = kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query, key, value = (t.view(hidden_shape) for t in ops.fused_lora(hidden_states, projections,
-                                                                           keep_weights, fp8))
+        keep = keep_weights and self._foak_keep_weights
+        query, key, value = (t.view(hidden_shape) for t in ops.fused_lora(hidden_states, projections, keep, fp8))
         if head_norms:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -121,7 +121,7 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, fp8: bool = False) 
         layers = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(fusable(p) for p in layers):
             return type(self).forward(self, x)
-        gate, up = ops.fused_lora(x, layers[:2], keep_weights, fp8)
+        gate, up = ops.fused_lora(x, layers[:2], keep_weights and self._foak_keep_weights, fp8)
         hidden = ops.swiglu(gate, up) if fast_swiglu else self.act_fn(gate) * up
         return ops.fused_lora(hidden, layers[2:], keep_weights=False, fp8=fp8)[0]
 

@@ -51,6 +51,12 @@ def _set_forward(module: nn.Module, forward: Callable, attr: str = "forward") ->
     setattr(module, attr, types.MethodType(forward, module))
 
 
+def _set_fused_forward(module: nn.Module, forward: Callable) -> None:
+    """A fused-LoRA forward; ``_foak_keep_weights`` lets the activation budget turn weight keeping off per step."""
+    _set_forward(module, forward)
+    module._foak_keep_weights = True
+
+
 def _patch_function(modeling, name: str, replacement: Callable) -> None:
     original = getattr(modeling, name, None)
     if original is None:
@@ -173,11 +179,11 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
         if _fusable_group(qkv):
             forward = modules.fused_attention_forward(modeling, options.keep_weights, options.fp8,
                                                       rule.get("sliding_window"), rule.get("head_norms", False))
-            _set_forward(attn, forward)
+            _set_fused_forward(attn, forward)
             _mark_fused(qkv)
             qkv_patched += 1
         if hasattr(attn.o_proj, "lora_A") and _fusable_group([attn.o_proj]):
-            _set_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights, options.fp8))
+            _set_fused_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights, options.fp8))
             _mark_fused([attn.o_proj])
             o_patched += 1
     name = "/".join(rule["attention"])
@@ -193,7 +199,8 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
             if _fusable_group(layers):
                 if options.fast_swiglu and not _is_silu(mlp.act_fn):
                     raise RuleError(f"fast_swiglu needs a SiLU MLP activation, not {type(mlp.act_fn).__name__}")
-                _set_forward(mlp, modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu, options.fp8))
+                forward = modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu, options.fp8)
+                _set_fused_forward(mlp, forward)
                 _mark_fused(layers)
                 patched += 1
         if patched:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from foak_testing import DEVICE, build_plugin, tiny_model
+from foak_testing import DEVICE, build_plugin, quantize_decoder, tiny_model
 from peft import LoraConfig, get_peft_model
 
 from fmsaccel_aadp.attention import register_attention
@@ -16,11 +16,10 @@ KERNELS = dict(fused_lora=True, fast_rms_layernorm=True, fast_rope_embeddings=Tr
                fast_loss="fused_ce_liger")
 
 
-def _model(layers: int = 4, dtype=torch.float32, checkpointing: bool = True, **keys):
+def _model(layers: int = 4, dtype=torch.float32, checkpointing: bool = True, base_layer=None, **keys):
     """Tiny Llama (GQA), LoRA with dropout on q/k/v/o, every foak kernel, padding-free attention."""
-    model = tiny_model("llama", num_hidden_layers=layers, dtype=dtype, **keys.pop("shape", {}))
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = quantize_decoder(tiny_model("llama", num_hidden_layers=layers, dtype=dtype, **keys.pop("shape", {})),
+                             base_layer)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -28,7 +27,7 @@ def _model(layers: int = 4, dtype=torch.float32, checkpointing: bool = True, **k
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     ctx = TrainContext(args={"gradient_checkpointing": checkpointing})
-    plugin = build_plugin(**KERNELS, **keys)
+    plugin = build_plugin(**KERNELS, base_layer=base_layer, **keys)
     model = plugin.augment(model, ctx)
     model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
     if checkpointing:
@@ -49,10 +48,21 @@ def _layers(model):
 
 
 def _record_checkpointing(model) -> list[bool]:
-    """Each decoder layer's checkpointing flag when it runs (appended in call order)."""
+    """Each decoder layer's checkpointing flag when it runs (appended in call order).
+
+    While checkpointing is on for the model, the layer's fused LoRA forwards keep their
+    dequantised weights exactly when the layer is checkpointed.
+    """
     seen: list[bool] = []
+    decoder = model.get_base_model().model
+
+    def record(layer, args):
+        seen.append(bool(layer.gradient_checkpointing))
+        fused = [m._foak_keep_weights for m in layer.modules() if "_foak_keep_weights" in m.__dict__]
+        assert fused and (set(fused) == {seen[-1]} or not decoder.gradient_checkpointing)
+
     for layer in _layers(model):
-        layer.register_forward_pre_hook(lambda m, args: seen.append(bool(m.gradient_checkpointing)))
+        layer.register_forward_pre_hook(record)
     return seen
 
 
@@ -72,12 +82,13 @@ def test_layers_to_keep():
     assert layers_to_keep(4, 0, 1, 1000) == 4
 
 
-def test_short_steps_run_their_last_layers_unchecked_with_the_same_gradients():
+@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
+def test_short_steps_run_their_last_layers_unchecked_with_the_same_gradients(base_layer):
     """The plan follows each step's token count; the loss and LoRA gradients equal full checkpointing."""
     per_token = saved_bytes_per_token(tiny_model("llama").config)
     budget_gib = 2 * 40 * per_token / 2**30  # two layers at 40 tokens, four at 20, one at 80
-    model, ctx = _model(activation_budget_gib=budget_gib)
-    full, _ = _model()
+    model, ctx = _model(base_layer=base_layer, activation_budget_gib=budget_gib)
+    full, _ = _model(base_layer=base_layer)
     assert "the last layers unchecked per step" in "\n".join(ctx.report.lines())
     seen = _record_checkpointing(model)
     for lengths, plan in [((25, 15), [True, True, False, False]), ((12, 8), [False] * 4),
