@@ -101,6 +101,32 @@ def test_compiled_layers_match_eager_in_one_graph(base_layer, monkeypatch):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+@pytest.mark.parametrize("base_layer", ["bitsandbytes", "auto_gptq"])
+def test_compiled_unchecked_layers_keep_no_dequantised_weights(base_layer, monkeypatch):
+    """Layers the activation budget runs unchecked dequantise again in the compiled backward: no weight is saved.
+
+    (CSE would merge the forward's and the backward's dequantisation, and the partitioner would save the result.)
+    """
+    _fresh_dynamo_on_the_cpu(monkeypatch)
+    model, _ = _model(True, base_layer, activation_budget_gib=1.0)  # every layer fits at these lengths
+    weight_shapes = {tuple(m.weight.shape) for m in model.modules() if type(m).__name__ == "Linear"} | {
+        (m.out_features, m.in_features) for m in model.modules() if hasattr(m, "out_features")}
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    batch = next(_rows())
+    assert batch["input_ids"].shape[1] not in {d for shape in weight_shapes for d in shape}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    assert saved and not weight_shapes & set(saved), weight_shapes & set(saved)
+
+
 def test_whole_decoder_stack_compiles_as_one_region(monkeypatch):
     """compile_layers: model: the decoder stack is one compiled region, matching eager across row shapes.
 
