@@ -47,7 +47,8 @@ def skip_reason(model: nn.Module, fsdp: bool) -> str | None:
 
 
 def compile_decoder_layers(
-    model: nn.Module, scope: bool | str = True, cuda_graphs: bool = False, checkpoint_in_graph: bool = False
+    model: nn.Module, scope: bool | str = True, cuda_graphs: bool = False, checkpoint_in_graph: bool = False,
+    cse: bool = True,
 ) -> list[nn.Module]:
     """Compile the decoder layers of ``model`` in place; returns the layers compiled.
 
@@ -65,6 +66,15 @@ def compile_decoder_layers(
     heuristics, decides when the previous step's outputs are dead.
 
     ``checkpoint_in_graph`` (scope True; the plugin sets it with ``cuda_graphs``): see :func:`checkpoint_inside`.
+
+    ``cse`` False turns off AOTAutograd's common-subexpression elimination in the joint graph.
+    The fused LoRA ops dequantise a frozen weight again in the backward rather than keep it
+    (unless a checkpoint recompute is about to serve it); CSE merges bitsandbytes'
+    dequantisation (a functional op) in the backward with the forward's, and the partitioner
+    then saves every unchecked layer's dequantised weights: s10c4, llama3-8b, 21.6 GiB instead
+    of 10.5 (s10c5). Our GPTQ dequantisation, a Triton kernel on the GPU, is not merged
+    (10.9 GiB with CSE), and CSE pays there: its median R step was 0.21 s with it (s10c4) and
+    0.25 s without (s10c5).
     """
     import torch
     import torch._dynamo
@@ -73,11 +83,8 @@ def compile_decoder_layers(
 
     if torch.cuda.is_available():
         sm_count(torch.device("cuda"))  # asked now, eagerly: device queries are not traced
-    # The fused LoRA ops dequantise a frozen weight again in the backward rather than keep it (unless a
-    # checkpoint recompute is about to serve it). In the compiled joint graph, CSE merges the backward's
-    # dequantisation with the forward's, and the partitioner then saves every layer's dequantised weights:
-    # s10c4, bitsandbytes layers run unchecked, 21.6 GiB instead of 10.9 (about 0.4 GiB a layer at 8B).
-    torch._functorch.config.cse = False
+    if not cse:
+        torch._functorch.config.cse = False  # read when each graph compiles; our layers are the process's graphs
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model)

@@ -220,10 +220,14 @@ class FusedOpsPlugin(AccelerationPlugin):
                            "activation_budget_gib skips recomputes within a memory budget instead")
             ctx.report.note(self.name, "checkpoint_in_graph measured without memory savings on the GPU (s10c1)")
         inside = scope is True and (cuda_graphs or self.keys["checkpoint_in_graph"])
-        layers = compile_decoder_layers(base, scope, cuda_graphs, checkpoint_in_graph=inside)
+        # bitsandbytes' dequantisation would be merged across forward and backward (see compile_decoder_layers)
+        cse = self.keys["base_layer"] != "bitsandbytes"
+        layers = compile_decoder_layers(base, scope, cuda_graphs, checkpoint_in_graph=inside, cse=cse)
         if not layers:
             raise PluginError(f"compile_layers: {type(base).__name__} has no decoder layers to compile")
         graphs = ", replayed as CUDA graphs (recorded once per shape)" if cuda_graphs else ""
+        if not cse:
+            graphs += ", CSE off (the backward dequantises again, not kept)"
         if inside and ctx.args.get("gradient_checkpointing"):
             graphs += ", checkpointed inside the graph (the recompute runs in the backward graph)"
         if scope == "model":
