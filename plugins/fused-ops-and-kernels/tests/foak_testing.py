@@ -89,3 +89,47 @@ def build_plugin(path: str = "training.fused_ops_and_kernels", **keys):
     values = {k: v.default for k, v in FOAK.paths[path].items()}
     values.update(keys)
     return FOAK.build({path: values})
+
+
+FOAK_KERNELS = dict(fused_lora=True, fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True,
+                    fast_loss="fused_ce_liger")
+
+
+def padding_free_lora_model(base_layer: str | None = None, checkpointing: bool = True, layers: int = 2,
+                            dtype=torch.float32, shape: dict | None = None, **keys):
+    """Tiny Llama, LoRA (dropout 0.1) on q/k/v/o, every foak kernel plus ``keys``, padding-free attention.
+
+    Returns the PEFT model, after the plugin's ``augment`` and ``prepare_trainer``, and the run's context.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from fmsaccel_aadp.attention import register_attention
+    from fmsaccel_framework.plugin import TrainContext
+
+    model = quantize_decoder(tiny_model("llama", num_hidden_layers=layers, dtype=dtype, **(shape or {})), base_layer)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ctx = TrainContext(args={"gradient_checkpointing": checkpointing})
+    plugin = build_plugin("peft.quantization.fused_ops_and_kernels", base_layer=base_layer,
+                          **{**FOAK_KERNELS, **keys})
+    model = plugin.augment(model, ctx)
+    model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    return model, ctx
+
+
+def train_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward in training mode: the loss and every parameter gradient."""
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(3)  # LoRA dropout masks
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

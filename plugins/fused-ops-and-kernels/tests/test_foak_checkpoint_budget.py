@@ -4,37 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from foak_testing import DEVICE, build_plugin, quantize_decoder, tiny_model
-from peft import LoraConfig, get_peft_model
+from foak_testing import DEVICE, build_plugin, padding_free_lora_model, tiny_model, train_step
 
-from fmsaccel_aadp.attention import register_attention
 from fmsaccel_aadp.collator import collate_padding_free
 from fmsaccel_foak.checkpointing import layers_to_keep, saved_bytes_per_token
-from fmsaccel_framework.plugin import PluginError, TrainContext
-
-KERNELS = dict(fused_lora=True, fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True,
-               fast_loss="fused_ce_liger")
+from fmsaccel_framework.plugin import PluginError
 
 
 def _model(layers: int = 4, dtype=torch.float32, checkpointing: bool = True, base_layer=None, **keys):
-    """Tiny Llama (GQA), LoRA with dropout on q/k/v/o, every foak kernel, padding-free attention."""
-    model = quantize_decoder(tiny_model("llama", num_hidden_layers=layers, dtype=dtype, **keys.pop("shape", {})),
-                             base_layer)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    ctx = TrainContext(args={"gradient_checkpointing": checkpointing})
-    plugin = build_plugin(**KERNELS, base_layer=base_layer, **keys)
-    model = plugin.augment(model, ctx)
-    model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    model.enable_input_require_grads()
-    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
-    return model, ctx
+    return padding_free_lora_model(base_layer, checkpointing, layers, dtype, **keys)
 
 
 def _batch(lengths):
@@ -66,15 +44,6 @@ def _record_checkpointing(model) -> list[bool]:
     return seen
 
 
-def _step(model, batch):
-    model.train()
-    model.zero_grad()
-    torch.manual_seed(3)  # LoRA dropout masks
-    loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_layers_to_keep():
     assert layers_to_keep(32, 1000, 10_000_000, 1000) == 10
     assert layers_to_keep(32, 100, 10_000_000, 1000) == 32  # capped at the layer count
@@ -95,8 +64,8 @@ def test_short_steps_run_their_last_layers_unchecked_with_the_same_gradients(bas
                           ((50, 30), [True, True, True, False]), ((25, 15), [True, True, False, False])]:
         seen.clear()
         batch = _batch(lengths)
-        got_loss, got = _step(model, batch)
-        want_loss, want = _step(full, batch)
+        got_loss, got = train_step(model, batch)
+        want_loss, want = train_step(full, batch)
         assert seen == plan, lengths
         torch.testing.assert_close(got_loss, want_loss)
         assert got.keys() == want.keys() and len(got) == 32
@@ -109,7 +78,7 @@ def test_evaluation_and_disabled_checkpointing_are_left_alone():
     model, _ = _model(activation_budget_gib=100 * 40 * per_token / 2**30)  # every layer fits
     seen = _record_checkpointing(model)
     batch = _batch((25, 15))
-    _step(model, batch)
+    train_step(model, batch)
     assert seen == [False] * 4
     model.eval()
     seen.clear()
@@ -117,8 +86,8 @@ def test_evaluation_and_disabled_checkpointing_are_left_alone():
         model(**batch, use_cache=False)
     assert all(layer.gradient_checkpointing for layer in _layers(model))  # restored; eval does not release
     model.gradient_checkpointing_disable()
-    _step(model, batch)
-    _step(model, batch)
+    train_step(model, batch)
+    train_step(model, batch)
     assert not any(layer.gradient_checkpointing for layer in _layers(model))
 
 

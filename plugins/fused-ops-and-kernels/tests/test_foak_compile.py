@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from foak_testing import DEVICE, VOCAB, build_plugin, quantize_decoder, tiny_model
+from foak_testing import DEVICE, VOCAB, build_plugin, padding_free_lora_model, tiny_model, train_step
 from peft import LoraConfig, get_peft_model
 
-from fmsaccel_aadp.attention import register_attention
 from fmsaccel_aadp.collator import collate_padding_free
 from fmsaccel_framework.plugin import PluginError, TrainContext
 
 PATH = "peft.quantization.fused_ops_and_kernels"
-KERNELS = dict(fused_lora=True, fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True,
-               fast_loss="fused_ce_liger")
 
 
 class _Trainer:
@@ -23,21 +20,7 @@ class _Trainer:
 
 def _model(compiled: bool | str, base_layer: str | None, **keys):
     """Tiny Llama, LoRA (dropout 0.1) on q/k/v/o, all foak kernels, padding-free attention, checkpointing."""
-    model = quantize_decoder(tiny_model("llama"), base_layer)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = build_plugin(PATH, base_layer=base_layer, compile_layers=compiled, **KERNELS, **keys)
-    model = plugin.augment(model, ctx)
-    model.base_model.model.set_attn_implementation(register_attention("sdpa_masked"))
-    model.gradient_checkpointing_enable()
-    model.enable_input_require_grads()
-    plugin.prepare_trainer(_Trainer(model), ctx)
-    return model, ctx
+    return padding_free_lora_model(base_layer, compile_layers=compiled, **keys)
 
 
 def _rows():
@@ -47,15 +30,6 @@ def _rows():
         batch = collate_padding_free([{"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()}
                                       for n in lengths])
         yield {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _step(model, batch):
-    model.train()
-    model.zero_grad()
-    torch.manual_seed(3)  # LoRA dropout masks
-    loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _fresh_dynamo_on_the_cpu(monkeypatch) -> None:
@@ -79,8 +53,8 @@ def _fresh_dynamo_on_the_cpu(monkeypatch) -> None:
 def _assert_matches_eager(eager, compiled) -> None:
     """Loss and every LoRA gradient, for rows of three lengths."""
     for batch in _rows():
-        want_loss, want = _step(eager, batch)
-        got_loss, got = _step(compiled, batch)
+        want_loss, want = train_step(eager, batch)
+        got_loss, got = train_step(compiled, batch)
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
         assert got.keys() == want.keys() and len(got) == 16
         for name in want:
@@ -183,7 +157,7 @@ def test_cuda_graphs_need_compiled_layers():
 
 
 @pytest.mark.parametrize("scope,buckets", [("model", True), ("model", False), (True, True)])
-def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, buckets, monkeypatch, caplog):
+def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_eachtrain_step(scope, buckets, monkeypatch, caplog):
     """The decoder is compiled in reduce-overhead mode, a step is marked before each forward, rows unbucketed warn."""
     import fmsaccel_foak.compiling
 
