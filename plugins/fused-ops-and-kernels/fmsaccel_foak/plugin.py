@@ -140,6 +140,11 @@ class FusedOpsPlugin(AccelerationPlugin):
             ctx.report.note(self.name, "activation_budget_gib unused: gradient checkpointing is off, so every layer "
                                        "keeps its activations already")
             return
+        fsdp_checkpoints = ((ctx.args.get("distributed") or {}).get("fsdp") or {}).get("activation_checkpointing")
+        if ctx.fsdp and fsdp_checkpoints is not False:  # FSDP's own wrapper checkpoints (fmsaccel_cli.distributed)
+            ctx.report.note(self.name, "activation_budget_gib unused under FSDP: FSDP checkpoints every decoder "
+                                       "layer itself")
+            return
         layers = decoder_layers(base)
         if not layers:
             raise PluginError(f"activation_budget_gib: {type(base).__name__} has no checkpointable decoder layers")

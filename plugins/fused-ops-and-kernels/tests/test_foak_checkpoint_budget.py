@@ -125,3 +125,16 @@ def test_budget_must_be_positive():
 def test_budget_without_checkpointing_says_it_is_unused():
     _, ctx = _model(checkpointing=False, activation_budget_gib=1.0)
     assert "activation_budget_gib unused: gradient checkpointing is off" in "\n".join(ctx.report.lines())
+
+
+def test_budget_under_fsdp_checkpointing_says_it_is_unused():
+    """FSDP's own wrapper checkpoints the layers (transformers' flags are off): nothing to steer."""
+    from fmsaccel_framework.plugin import TrainContext
+
+    for fsdp, unused in (({}, True), ({"activation_checkpointing": None}, True),
+                         ({"activation_checkpointing": False}, False)):  # false keeps transformers' checkpointing
+        ctx = TrainContext(args={"gradient_checkpointing": True, "distributed": {"strategy": "fsdp", "fsdp": fsdp}})
+        model = tiny_model("llama")
+        model.gradient_checkpointing_enable()
+        build_plugin(activation_budget_gib=1.0).prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+        assert ("activation_budget_gib unused under FSDP" in "\n".join(ctx.report.lines())) is unused, fsdp
