@@ -290,6 +290,16 @@ def test_ddp_two_processes_match_one(tmp_path, single_process):
 
 
 @pytest.mark.slow
+def test_ddp_with_the_activation_budget_matches_one_process(tmp_path, single_process):
+    """Each rank plans its own unchecked layers from its own tokens; checkpointing changes no number."""
+    one, _, _ = single_process(QLORA)
+    many, stdout = _run(QLORA, tmp_path, "per_device_train_batch_size=4", "gradient_checkpointing=true",
+                        "plugins.peft.quantization.fused_ops_and_kernels.activation_budget_gib=0.002", nproc=2)
+    assert "of activations kept, the last layers unchecked per step" in stdout
+    _same_losses(many, one)
+
+
+@pytest.mark.slow
 def test_fsdp_qlora_with_fused_lora_matches_one_process_and_saves_a_peft_adapter(tmp_path, single_process):
     one, _, one_dir = single_process(QLORA)
     many, stdout = _run_fsdp_worker(QLORA, tmp_path, "per_device_train_batch_size=4", "gradient_checkpointing=true")
