@@ -157,7 +157,7 @@ def test_cuda_graphs_need_compiled_layers():
 
 
 @pytest.mark.parametrize("scope,buckets", [("model", True), ("model", False), (True, True)])
-def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_eachtrain_step(scope, buckets, monkeypatch, caplog):
+def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, buckets, monkeypatch, caplog):
     """The decoder is compiled in reduce-overhead mode, a step is marked before each forward, rows unbucketed warn."""
     import fmsaccel_foak.compiling
 
