@@ -72,16 +72,21 @@ class ExpertLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_y):
         x, weight = ctx.saved_tensors
-        weight = _weight(ctx, weight)
-        routing, gather, backend = ctx.routing, ctx.gather, ctx.backend
-        d_y = d_y.contiguous()
-        d_x = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_rows = backend.expert_mm(d_y, weight, routing, transpose_weight=True, scatter=gather)
-            d_x = _sum_slots(d_rows, routing) if gather else d_rows
-        if ctx.needs_input_grad[1]:
-            d_w = backend.expert_xty(d_y, x, routing, gather_b=gather)
+        d_x, d_w = linear_backward(d_y, x, _weight(ctx, weight), ctx.routing, ctx.gather, ctx.backend,
+                                   *ctx.needs_input_grad[:2])
         return d_x, d_w, None, None, None
+
+
+def linear_backward(d_y, x, weight, routing: Routing, gather: bool, backend: ModuleType, want_x: bool, want_w: bool):
+    """Gradients of ``ExpertLinear`` for its input and weight (None where not wanted)."""
+    d_y = d_y.contiguous()
+    d_x = d_w = None
+    if want_x:
+        d_rows = backend.expert_mm(d_y, weight, routing, transpose_weight=True, scatter=gather)
+        d_x = _sum_slots(d_rows, routing) if gather else d_rows
+    if want_w:
+        d_w = backend.expert_xty(d_y, x, routing, gather_b=gather)
+    return d_x, d_w
 
 
 class SwigluDownCombine(torch.autograd.Function):
@@ -91,32 +96,42 @@ class SwigluDownCombine(torch.autograd.Function):
     def forward(ctx, gate_up, down, routing: Routing, weights, backend: ModuleType, fuse: bool):
         ctx.save_for_backward(gate_up, _save_weight(ctx, down), weights)
         ctx.routing, ctx.backend, ctx.fuse = routing, backend, fuse
-        down = _dense(down)
-        if fuse:
-            rows = backend.expert_mm(gate_up, down, routing, swiglu=True, scatter=True, row_scale=weights)
-        else:
-            rows = backend.expert_mm(backend.swiglu(gate_up), down, routing, scatter=True, row_scale=weights)
-        return _sum_slots(rows, routing)
+        return swiglu_down_combine(gate_up, _dense(down), routing, weights, backend, fuse)
 
     @staticmethod
     def backward(ctx, d_out):
         gate_up, down, weights = ctx.saved_tensors
-        down = _weight(ctx, down)
-        routing, backend, fuse = ctx.routing, ctx.backend, ctx.fuse
-        d_out = d_out.to(down.dtype).contiguous()
-        # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
-        g = backend.expert_mm(d_out, down, routing, gather=True, transpose_weight=True)
-        want_h = ctx.needs_input_grad[1] and not fuse
-        d_gate_up, d_weights, scaled_h = backend.swiglu_backward(gate_up, g, weights, want_h=want_h)
-        d_down = None
-        if ctx.needs_input_grad[1]:
-            if fuse:
-                d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
-            else:
-                d_down = backend.expert_xty(d_out, scaled_h, routing, gather_a=True)
-        if d_weights is not None:
-            d_weights = d_weights.to(weights.dtype)
+        d_gate_up, d_down, d_weights = swiglu_down_backward(
+            d_out, gate_up, _weight(ctx, down), routing=ctx.routing, weights=weights, backend=ctx.backend,
+            fuse=ctx.fuse, want_down=ctx.needs_input_grad[1])
         return d_gate_up, d_down, None, d_weights, None, None
+
+
+def swiglu_down_combine(gate_up, down, routing: Routing, weights, backend: ModuleType, fuse: bool) -> torch.Tensor:
+    if fuse:
+        rows = backend.expert_mm(gate_up, down, routing, swiglu=True, scatter=True, row_scale=weights)
+    else:
+        rows = backend.expert_mm(backend.swiglu(gate_up), down, routing, scatter=True, row_scale=weights)
+    return _sum_slots(rows, routing)
+
+
+def swiglu_down_backward(d_out, gate_up, down, *, routing: Routing, weights, backend: ModuleType, fuse: bool,
+                         want_down: bool):
+    """Gradients of ``SwigluDownCombine`` for ``gate_up``, the down weight (None unless wanted) and the
+    sorted-row routing weights (None without them)."""
+    d_out = d_out.to(down.dtype).contiguous()
+    # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
+    g = backend.expert_mm(d_out, down, routing, gather=True, transpose_weight=True)
+    d_gate_up, d_weights, scaled_h = backend.swiglu_backward(gate_up, g, weights, want_h=want_down and not fuse)
+    d_down = None
+    if want_down:
+        if fuse:
+            d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
+        else:
+            d_down = backend.expert_xty(d_out, scaled_h, routing, gather_a=True)
+    if d_weights is not None:
+        d_weights = d_weights.to(weights.dtype)
+    return d_gate_up, d_down, d_weights
 
 
 def _sum_slots(rows: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .expert_parallel import EPShard, ep_routed_experts
+from .graph_ops import routed_experts_op
 from .lora import expert_lora_factors
-from .ops import routed_experts
+from .ops import FUSE_SWIGLU_MAX_HIDDEN, routed_experts
 from .rules import MoESite, unwrap
 
 
@@ -29,9 +30,29 @@ class ExpertsSettings:
 def scattermoe_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Drop-in for ``<Arch>Experts.forward(hidden_states, top_k_index, top_k_weights)``."""
+    """Drop-in for ``<Arch>Experts.forward(hidden_states, top_k_index, top_k_weights)``.
+
+    Inside a compiled decoder layer plain experts are traced as custom ops (``graph_ops``); LoRA on
+    experts, 4-bit experts and sharded experts run eagerly between the layer's graphs.
+    """
     experts = unwrap(self)
     settings: ExpertsSettings = experts._fmsaccel_moe
+    if torch.compiler.is_compiling():
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        plain = isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
+        if plain and self is experts and settings.shard is None:
+            fuse = settings.fuse_swiglu
+            fuse = down.size(1) <= FUSE_SWIGLU_MAX_HIDDEN if fuse is None else fuse
+            x = hidden_states.to(gate_up.dtype)
+            out = routed_experts_op(x, top_k_index, top_k_weights, gate_up, down, settings.backend, fuse)
+            return out.to(hidden_states.dtype)
+        return _experts_between_graphs(self, experts, settings, hidden_states, top_k_index, top_k_weights)
+    return _eager_experts(self, experts, settings, hidden_states, top_k_index, top_k_weights)
+
+
+def _eager_experts(self, experts, settings: ExpertsSettings, hidden_states, top_k_index, top_k_weights):
+    """Our autograd functions (a compiled layer calls them between its graphs: Dynamo would break on
+    their Python state piecemeal)."""
     lora = expert_lora_factors(self) if self is not experts else {}
     if settings.shard is not None:
         return ep_routed_experts(
@@ -56,6 +77,8 @@ def scattermoe_forward(
         lora_down=lora.get("down_proj"),
         fuse_swiglu=settings.fuse_swiglu,
     )
+
+_experts_between_graphs = torch.compiler.disable(_eager_experts)
 
 
 def is_patched(module: torch.nn.Module) -> bool:

@@ -18,6 +18,7 @@ gathers the shards whenever the trainer saves.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from .quantized import four_bit_quant_type, quantize_experts
 from .rules import find_moe_sites
 
 CONFIG_PATH = "training.moe.scattermoe"
+logger = logging.getLogger(__name__)
 
 
 class MoEPlugin(AccelerationPlugin):
@@ -41,6 +43,7 @@ class MoEPlugin(AccelerationPlugin):
         self.ep_degree: int = int(keys["ep_degree"])
         self.disable_distributed: bool = bool(keys["disable_distributed"])
         self.backend: str = keys.get("backend", "auto")
+        self.compile_layers: bool = bool(keys.get("compile_layers", False))
         if self.ep_degree < 1:
             raise PluginError(f"accelerated-moe: ep_degree must be >= 1, got {self.ep_degree}")
         self.shard: expert_parallel.EPShard | None = None
@@ -102,6 +105,8 @@ class MoEPlugin(AccelerationPlugin):
                 patch_site(site, site.experts._fmsaccel_moe)
         if getattr(trainer, "aux_loss_enabled", False):  # TRL's SFTTrainer decides from router_aux_loss_coef
             ctx.report.note(self.name, f"load-balancing loss in the loss (coef {trainer.router_aux_loss_coef}, TRL)")
+        if self.compile_layers:
+            self._compile_layers(trainer.model, ctx)
         if self.shard is None:
             return
         experts = [site.experts for site in self.sites]
@@ -115,6 +120,28 @@ class MoEPlugin(AccelerationPlugin):
         if any(p.requires_grad for p in params):
             trainer.save_model = _gathering_save(trainer.save_model, experts, self.shard)
         ctx.report.note(self.name, "sharded experts: DDP ignores them, gradients averaged, clipping on the full norm")
+
+    def _compile_layers(self, model, ctx: TrainContext) -> None:
+        """Short MoE steps are paced by the CPU launching attention, norms, router and expert kernels one by one;
+        compiled layers launch a few fused graphs, the experts among them as custom ops (``graph_ops``)."""
+        from fmsaccel_framework.compiling import compile_decoder_layers, compiled_layers, skip_reason
+        from fmsaccel_framework.lora import unwrap_peft
+
+        base = unwrap_peft(model)
+        if compiled_layers(base):  # foak's compile_layers ran first (order 20): the same regions
+            ctx.report.note(self.name, "compile_layers: the decoder layers are already compiled (foak), the "
+                                       "experts as custom ops in their graphs")
+            return
+        why_not = skip_reason(base, ctx.fsdp)
+        if why_not:
+            logger.warning("compile_layers: the decoder layers stay eager (%s)", why_not)
+            ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
+            return
+        layers = compile_decoder_layers(base)
+        if not layers:
+            raise PluginError(f"accelerated-moe compile_layers: {type(base).__name__} has no decoder layers")
+        ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for all "
+                                  "layers, experts as custom ops in it; compiles on the first step)", len(layers))
 
 
 def _shape(site, config) -> ExpertShape:

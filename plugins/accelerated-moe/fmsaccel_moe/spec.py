@@ -15,6 +15,12 @@ MOE = PluginSpec(
                 choices=("auto", "triton", "grouped_mm"),
                 help="expert GEMMs: Triton ScatterMoE kernels, torch grouped_mm, or the faster of the two (timed)",
             ),
+            "compile_layers": ConfigKey(
+                bool,
+                default=False,
+                help="torch.compile each decoder layer (dynamic shapes) around the expert kernels, which run "
+                "between its graphs: far fewer launches on short steps; CUDA only, not under FSDP",
+            ),
         }
     },
     factory="fmsaccel_moe.plugin:build",

@@ -154,6 +154,39 @@ def test_routed_experts_match_huggingface_experts(backend, dtype, fuse_swiglu):
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("fuse_swiglu", [True, False])
+def test_custom_op_experts_equal_the_autograd_functions(backend, fuse_swiglu):
+    """``graph_ops`` (what a compiled layer runs) == ``routed_experts``, forward and every gradient, partial ones
+    too; ``opcheck`` checks the fake (shape-only) implementations and the autograd registration."""
+    from fmsaccel_moe.graph_ops import _forward, routed_experts_op
+
+    torch.manual_seed(2)
+    experts = _mixtral_experts(hidden=24, inter=20, experts=6, dtype=torch.float32)
+    x = torch.randn(29, 24, device=DEVICE, requires_grad=True)
+    logits = torch.randn(29, 6, device=DEVICE, requires_grad=True)
+    grad = torch.randn(29, 24, device=DEVICE)
+    leaves = [x, logits, experts.gate_up_proj, experts.down_proj]
+
+    def run(fn, wrt):
+        weights, index = logits.softmax(-1).topk(3, dim=-1)
+        out = fn(x, index, weights, experts.gate_up_proj, experts.down_proj)
+        return out, torch.autograd.grad(out, wrt, grad)
+
+    ref, ref_grads = run(lambda *a: routed_experts(*a, backend=backend, fuse_swiglu=fuse_swiglu), leaves)
+    out, grads = run(lambda *a: routed_experts_op(*a, backend, fuse_swiglu), leaves)
+    assert max_diff(out, ref) < 1e-5
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert max_diff(got, want) < 1e-5 * max(1.0, want.abs().max().item())
+    _, (d_x,) = run(lambda *a: routed_experts_op(*a, backend, fuse_swiglu), [x])  # frozen experts: LoRA elsewhere
+    assert max_diff(d_x, ref_grads[0]) < 1e-5 * max(1.0, ref_grads[0].abs().max().item())
+
+    weights, index = logits.detach().softmax(-1).topk(3, dim=-1)
+    inputs = (x.detach().requires_grad_(), index, weights.requires_grad_(), experts.gate_up_proj.detach(),
+              experts.down_proj.detach().requires_grad_(), backend, fuse_swiglu)
+    torch.library.opcheck(_forward, inputs, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_expert_lora_equals_dense_delta(backend):
     """Low-rank rows inside the grouped GEMMs == experts with W + scale * B @ A, gradients included."""
     torch.manual_seed(1)

@@ -247,3 +247,60 @@ def test_auto_times_the_backends_at_the_datasets_typical_micro_batch():
     assert typical_batch_tokens(lengths, 4, 8192, packed=True, multipack=False)[0] == packed
     # never above the budget, even if the lengths say otherwise
     assert typical_batch_tokens([5000] * 8, 4, 8192, packed=True, multipack=False)[0] == 8192
+
+
+class _Trainer:
+    def __init__(self, model):
+        self.model = model
+
+
+def test_compile_layers_compiles_around_the_experts_and_matches_eager(monkeypatch):
+    """Each decoder layer becomes one compiled graph with the experts as custom ops in it; loss and every gradient
+    match the eager patched model under gradient checkpointing, for three row lengths, without a recompile per
+    length. On the CPU Inductor compiles C++ kernels; the plugin itself skips the CPU (tested below)."""
+    import torch._dynamo
+
+    import fmsaccel_framework.compiling
+
+    monkeypatch.setattr(fmsaccel_framework.compiling, "skip_reason", lambda model, fsdp: None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = _plugin(backend="triton").augment(tiny_model("granitemoe", seed=5), _ctx())
+    compiled = copy.deepcopy(eager)
+    ctx = _ctx()
+    plugin = _plugin(backend="triton", compile_layers=True)
+    plugin.prepare_trainer(_Trainer(compiled), ctx)
+    assert ctx.report.entries == {("accelerated-moe", "GraniteMoeDecoderLayer -> torch.compile (dynamic shapes, one "
+                                   "graph for all layers, experts as custom ops in it; compiles on the first step)"): 2}
+    for m in (eager, compiled):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    for seed, length in ((1, 12), (2, 7), (3, 19)):
+        batch = _batch(seed, shape=(2, length))
+        want, got = eager(**batch).loss, compiled(**batch).loss
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+            assert max_diff(p.grad, q.grad) < 1e-5, name
+            p.grad = q.grad = None
+    counters = torch._dynamo.utils.counters
+    print({k: dict(v) for k, v in counters.items()})
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the experts are in the graph
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for all layers and lengths
+
+
+def test_compile_layers_is_skipped_on_the_cpu_and_left_to_foak_when_it_compiled():
+    from fmsaccel_framework.compiling import compile_decoder_layers
+
+    ctx = _ctx()
+    plugin = _plugin(compile_layers=True)
+    model = plugin.augment(tiny_model("granitemoe"), ctx)
+    if DEVICE.type == "cpu":
+        plugin.prepare_trainer(_Trainer(model), ctx)
+        assert any("compile_layers skipped: the model is on cpu" in m for _, m in ctx.report.notes)
+    model = plugin.augment(tiny_model("granitemoe"), ctx)
+    compile_decoder_layers(model)  # what foak's compile_layers (order 20) does first
+    ctx = _ctx()
+    plugin.prepare_trainer(_Trainer(model), ctx)
+    assert not ctx.report.entries and any("already compiled (foak)" in m for _, m in ctx.report.notes)

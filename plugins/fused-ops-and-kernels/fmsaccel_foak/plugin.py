@@ -97,7 +97,11 @@ class FusedOpsPlugin(AccelerationPlugin):
         return model
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
+        from .ops.rms_norm import sm_count
+
         base = unwrap_peft(trainer.model)
+        if torch.cuda.is_available():  # asked now, eagerly: compiled layers (foak's or another plugin's) cannot
+            sm_count(torch.device("cuda"))  # trace device queries
         fused_loss = self.keys["fast_loss"] == "fused_ce_liger"
         if self.keys["fast_loss"] is True and _uses_trl_fused_head(trainer):
             # TRL's SFTTrainer computes the loss through its own chunked LM head and never calls the model's
@@ -131,8 +135,9 @@ class FusedOpsPlugin(AccelerationPlugin):
             self._budget_checkpointing(base, ctx)
 
     def _budget_checkpointing(self, base, ctx: TrainContext) -> None:
+        from fmsaccel_framework.compiling import decoder_layers
+
         from .checkpointing import enable_activation_budget, layers_to_keep, saved_bytes_per_token
-        from .compiling import decoder_layers
 
         budget = self.keys["activation_budget_gib"]
         if not ctx.args.get("gradient_checkpointing"):
@@ -196,7 +201,7 @@ class FusedOpsPlugin(AccelerationPlugin):
                                       f"of {vocab} here), {cost}", 1)
 
     def _compile_layers(self, base, ctx: TrainContext) -> None:
-        from .compiling import compile_decoder_layers, skip_reason
+        from fmsaccel_framework.compiling import compile_decoder_layers, skip_reason
 
         if self.keys["selective_checkpointing"]:
             raise PluginError("compile_layers and selective_checkpointing cannot be combined (the selective "

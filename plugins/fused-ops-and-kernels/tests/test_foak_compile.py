@@ -40,12 +40,12 @@ def _fresh_dynamo_on_the_cpu(monkeypatch) -> None:
     """
     import torch._dynamo
 
-    import fmsaccel_foak.compiling
     import fmsaccel_foak.runtime
+    import fmsaccel_framework.compiling
 
     if DEVICE == "cpu":
         monkeypatch.setattr(fmsaccel_foak.runtime, "is_interpreted", lambda kernel: False)
-        monkeypatch.setattr(fmsaccel_foak.compiling, "skip_reason", lambda model, fsdp: None)
+        monkeypatch.setattr(fmsaccel_framework.compiling, "skip_reason", lambda model, fsdp: None)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
 
@@ -159,9 +159,9 @@ def test_cuda_graphs_need_compiled_layers():
 @pytest.mark.parametrize("scope,buckets", [("model", True), ("model", False), (True, True)])
 def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, buckets, monkeypatch, caplog):
     """The decoder is compiled in reduce-overhead mode, a step is marked before each forward, rows unbucketed warn."""
-    import fmsaccel_foak.compiling
+    import fmsaccel_framework.compiling
 
-    monkeypatch.setattr(fmsaccel_foak.compiling, "skip_reason", lambda model, fsdp: None)
+    monkeypatch.setattr(fmsaccel_framework.compiling, "skip_reason", lambda model, fsdp: None)
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
     marks = []
@@ -187,7 +187,7 @@ def test_checkpoint_inside_each_compiled_layer(keys, monkeypatch):
     is that the checkpoint moved (transformers' function now sits in the layer's own forward), that the
     layers still compile to one graph without breaks, and that loss and gradients match the eager model.
     """
-    from fmsaccel_foak.compiling import _run_directly
+    from fmsaccel_framework.compiling import _run_directly
 
     _fresh_dynamo_on_the_cpu(monkeypatch)
     eager, _ = _model(False, None)
@@ -205,7 +205,7 @@ def test_checkpoint_inside_each_compiled_layer(keys, monkeypatch):
 
 def test_checkpoint_inside_calls_the_installed_function_once_per_layer_and_forward():
     """Eager, with a spy for transformers' checkpoint function: installed later, still moved and used."""
-    from fmsaccel_foak.compiling import _run_directly, checkpoint_inside
+    from fmsaccel_framework.compiling import _run_directly, checkpoint_inside
 
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
     layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]

@@ -1,5 +1,8 @@
 """Regional compilation: ``torch.compile`` on every decoder layer (or the whole decoder stack), after all patches.
 
+Shared by the plugins that compile (foak's ``compile_layers``, accelerated-moe's); the
+first one to ask compiles, the others find the layers compiled (:func:`compiled_layers`).
+
 Short-sequence steps (padding-free batches of a few hundred tokens a layer) are paced
 by the CPU: Python, autograd and hundreds of small kernel launches per layer. Compiling
 each decoder layer turns its forward and backward into one graph each (the fused ops,
@@ -30,6 +33,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compiled_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of ``model`` that :func:`compile_decoder_layers` (or ``nn.Module.compile``) compiled."""
+    layers = decoder_layers(model)
+    if layers and getattr(model.get_decoder(), "_compiled_call_impl", None) is not None:
+        return layers
+    return [layer for layer in layers if getattr(layer, "_compiled_call_impl", None) is not None]
 
 
 def skip_reason(model: nn.Module, fsdp: bool) -> str | None:
@@ -79,10 +90,6 @@ def compile_decoder_layers(
     import torch
     import torch._dynamo
 
-    from .ops.rms_norm import sm_count
-
-    if torch.cuda.is_available():
-        sm_count(torch.device("cuda"))  # asked now, eagerly: device queries are not traced
     if not cse:
         torch._functorch.config.cse = False  # read when each graph compiles; our layers are the process's graphs
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
