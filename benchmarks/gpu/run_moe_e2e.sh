@@ -10,7 +10,9 @@
 # Prints a table; CSV, metrics and log tails in $OUT.
 #   bash benchmarks/gpu/run_moe_e2e.sh           (from the repo root, with .whl carried)
 # Env: MODELS="granite mixtral", METHODS="full lora", RECIPES (default: the two above; the plain run always goes
-# first), STEPS=20, WARMUP=4, EP=1 (2-GPU runs; needs 2 GPUs), CALL_S=570 (runs that would end past it are skipped:
+# first; an entry RECIPE@KEY=VALUE+KEY=VALUE adds --set options, e.g.
+# moe-scattermoe-granite-ep1@plugins.training.moe.scattermoe.compile_layers=false), PROFILE=1 (FMSACCEL_PROFILE: a
+# profile of the last two warm-up steps, copied to $OUT/RUN.profile.txt), STEPS=20, WARMUP=4, EP=1 (2-GPU runs; needs 2 GPUs), CALL_S=570 (runs that would end past it are skipped:
 # a run takes RUN_S=100 s), MODEL=NAME:SHAPE pairs to test with other shapes (e.g. "granite:tiny-granitemoe").
 set -u
 START=$(date +%s)
@@ -19,6 +21,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast here
 [ -n "${NO_SETUP:-}" ] || source benchmarks/gpu/setup_device.sh || exit 1
 STEPS=${STEPS:-20}
+[ -n "${PROFILE:-}" ] && export FMSACCEL_PROFILE=1
 WARMUP=${WARMUP:-4}
 RUNS=${RUNS:-/tmp/moe-e2e-runs-$(echo "${MODELS:-all}-${METHODS:-all}-${EP:-0}" | tr ' ' _)}  # one per selection:
 # two selections can run side by side on different GPUs, each with its own OUT:
@@ -39,15 +42,20 @@ method_sets() {  # the --set options of a method (the same for every recipe, so 
 
 # run NAME RECIPE MODEL METHOD GPUS: one `fmsaccel run`, skipped when it could not finish inside the call
 run() {
-  local name=$1 recipe=$2 model=$3 method=$4 gpus=$5 layers=()
+  local name=$1 recipe=${2%%@*} model=$3 method=$4 gpus=$5 layers=() sets=()
+  if [ "$2" != "$recipe" ]; then
+    IFS=+ read -ra pairs <<< "${2#*@}"
+    for pair in "${pairs[@]}"; do sets+=(--set "$pair"); done
+  fi
   if [ $(( $(date +%s) - START + ${RUN_S:-100} )) -gt "${CALL_S:-570}" ]; then echo "$name: skipped (time budget)"; return; fi
   [ "$model" = mixtral ] && layers=(--set "shape_overrides.num_hidden_layers=${LAYERS_MIXTRAL:-2}")
   timeout 240 fmsaccel run --recipe "$recipe" --model "$(shape_of "$model")" --data workload:R -o "$RUNS/$name" \
     --nproc-per-node "$gpus" --no-install --set max_steps="$STEPS" --set benchmark_warmup_steps="$WARMUP" \
     --set gradient_checkpointing=true --set max_seq_length=2048 --set save_strategy=no --set logging_steps=1 \
     --set learning_rate=5.0e-5 --set per_device_train_batch_size=4 --set num_train_examples=$(( STEPS * 8 )) \
-    $(method_sets "$method") "${layers[@]}" > "$RUNS/$name.log" 2>&1
+    $(method_sets "$method") "${layers[@]}" "${sets[@]}" > "$RUNS/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - START )) s"
+  [ -f "$RUNS/$name/profile.txt" ] && cp "$RUNS/$name/profile.txt" "$OUT/$name.profile.txt"
 }
 
 for model in ${MODELS:-granite mixtral}; do
@@ -55,7 +63,9 @@ for model in ${MODELS:-granite mixtral}; do
     plain=$([ "$method" = lora ] && echo standard-peft || echo full-finetuning)
     run "$model-$method-plain" "$plain" "$model" "$method" 1
     for recipe in ${RECIPES:-moe-scattermoe-granite-ep1 moe-scattermoe-granite-ep1-padding-free-foak}; do
-      run "$model-$method-${recipe#moe-scattermoe-granite-}" "$recipe" "$model" "$method" 1
+      label=${recipe#moe-scattermoe-granite-}
+      [ "$label" = "${label%%@*}" ] || label="${label%%@*}-${label##*.}"  # ep1@...compile_layers=false -> ep1-compile_layers=false
+      run "$model-$method-$label" "$recipe" "$model" "$method" 1
     done
   done
 done
