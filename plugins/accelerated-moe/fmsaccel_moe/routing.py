@@ -89,14 +89,17 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     top_k = top_k_index.size(1)
     flat = top_k_index.reshape(-1)
     expert, slot = torch.sort(flat, stable=True)
-    # bincount on an int tensor is deterministic on CUDA (only weighted bincount is not).
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    # Group ends from the sorted experts: no host sync (CUDA's bincount asks the host for the input's range,
+    # a sync in every MoE layer that serialised the CPU with the GPU: s11c2), and deterministic.
+    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=expert.dtype)
+    ends = torch.searchsorted(expert, bounds, right=False)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
     return Routing(
         expert=expert.to(torch.int32),
         slot=slot.to(torch.int32),
         token=(slot // top_k).to(torch.int32),
         counts=counts,
-        ends=counts.cumsum(0),
+        ends=ends,
         num_experts=num_experts,
         top_k=top_k,
     )

@@ -216,3 +216,17 @@ def test_expert_lora_equals_dense_delta(backend):
     assert max_diff(out, ref) < 1e-4
     for got, want in zip(grads, ref_grads, strict=True):
         assert max_diff(got, want) < 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_routing_has_no_data_dependent_shapes():
+    """``route`` runs on fake tensors without a shape environment: no op in it has an output shape that depends on
+    values, which on CUDA means a host sync in every MoE layer (``bincount`` was one, s11c2). Same groups as a
+    per-expert count."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    index = _routing(37, 6, 2, seed=4, skip_expert=3)
+    with FakeTensorMode() as mode:
+        assert route(mode.from_tensor(index.cpu()), 6).ends.shape == (6,)
+    want = torch.tensor([(index == e).sum().item() for e in range(6)])
+    routing = route(index, 6)
+    assert torch.equal(routing.counts.cpu(), want) and torch.equal(routing.ends.cpu(), want.cumsum(0))
