@@ -30,6 +30,7 @@ from .backend import ExpertShape, resolve_backend, typical_batch_tokens
 from .lora import expert_lora_config, wants_expert_lora
 from .patch import ExpertsSettings, is_patched, patch_site
 from .quantized import four_bit_quant_type, quantize_experts
+from .router_logits import supply_router_logits
 from .rules import find_moe_sites
 
 CONFIG_PATH = "training.moe.scattermoe"
@@ -100,7 +101,8 @@ class MoEPlugin(AccelerationPlugin):
 
     def prepare_trainer(self, trainer, ctx: TrainContext) -> None:
         # PEFT may have wrapped expert parameters after augment; patch the new outermost module.
-        for site in find_moe_sites(trainer.model):
+        self.sites = find_moe_sites(trainer.model)
+        for site in self.sites:
             if not is_patched(site.head):
                 patch_site(site, site.experts._fmsaccel_moe)
         if getattr(trainer, "aux_loss_enabled", False):  # TRL's SFTTrainer decides from router_aux_loss_coef
@@ -122,7 +124,7 @@ class MoEPlugin(AccelerationPlugin):
         ctx.report.note(self.name, "sharded experts: DDP ignores them, gradients averaged, clipping on the full norm")
 
     def _compile_layers(self, model, ctx: TrainContext) -> None:
-        """Short MoE steps are paced by the CPU launching attention, norms, router and expert kernels one by one;
+        """Short MoE steps are paced by the CPU launching attention, norm, router and expert kernels one by one;
         compiled layers launch a few fused graphs, the experts among them as custom ops (``graph_ops``)."""
         from fmsaccel_framework.compiling import compile_decoder_layers, compiled_layers, skip_reason
         from fmsaccel_framework.lora import unwrap_peft
@@ -131,17 +133,24 @@ class MoEPlugin(AccelerationPlugin):
         if compiled_layers(base):  # foak's compile_layers ran first (order 20): the same regions
             ctx.report.note(self.name, "compile_layers: the decoder layers are already compiled (foak), the "
                                        "experts as custom ops in their graphs")
-            return
-        why_not = skip_reason(base, ctx.fsdp)
-        if why_not:
-            logger.warning("compile_layers: the decoder layers stay eager (%s)", why_not)
-            ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
-            return
-        layers = compile_decoder_layers(base)
-        if not layers:
-            raise PluginError(f"accelerated-moe compile_layers: {type(base).__name__} has no decoder layers")
-        ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for all "
-                                  "layers, experts as custom ops in it; compiles on the first step)", len(layers))
+        else:
+            why_not = skip_reason(base, ctx.fsdp)
+            if why_not:
+                logger.warning("compile_layers: the decoder layers stay eager (%s)", why_not)
+                ctx.report.note(self.name, f"compile_layers skipped: {why_not}")
+                return
+            layers = compile_decoder_layers(base)
+            if not layers:
+                raise PluginError(f"accelerated-moe compile_layers: {type(base).__name__} has no decoder layers")
+            eager = [s for s in self.sites if s.head is not s.experts or not torch.is_tensor(s.experts.gate_up_proj)]
+            where = ("experts (LoRA on experts, 4-bit or sharded) run between its graphs" if eager or self.shard
+                     else "experts as custom ops in it")
+            ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
+                                      f"all layers, {where}; compiles on the first step)", len(layers))
+        if not supply_router_logits(base.get_decoder(), self.sites):
+            logger.warning("compile_layers: %s returns no [tokens, experts] logits; compiled layers record none, "
+                           "so the load-balancing loss cannot be computed", type(self.sites[0].block).__name__)
+            ctx.report.note(self.name, "compile_layers: no router logits recorded (no load-balancing loss)")
 
 
 def _shape(site, config) -> ExpertShape:

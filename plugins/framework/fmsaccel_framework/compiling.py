@@ -94,6 +94,7 @@ def compile_decoder_layers(
         torch._functorch.config.cse = False  # read when each graph compiles; our layers are the process's graphs
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    traceable_output_capture()
     layers = decoder_layers(model)
     mode = "reduce-overhead" if cuda_graphs else None
     if cuda_graphs and layers:
@@ -106,6 +107,49 @@ def compile_decoder_layers(
     for layer in layers:
         layer.compile(dynamic=True, mode=mode)
     return layers
+
+
+class _CollectorOutsideGraphs:
+    """transformers' output collector, switched off inside compiled regions.
+
+    transformers records outputs a model does not return itself (the MoE router logits of the
+    load-balancing loss, which TRL turns on) with forward hooks that read the active collector
+    from a ``ContextVar``. With regional compilation those hooks run inside compiled layers,
+    where ``ContextVar.get`` cannot be traced: a graph break per hooked module, and inside a
+    layer checkpointed by transformers 5.2x the whole layer then runs eagerly. A plain global
+    instead makes Dynamo guard on the length of the list being filled, a recompilation per
+    layer. So inside a compiled region the hooks see no collector and record nothing; a plugin
+    that needs an output from compiled layers supplies it another way (accelerated-moe: the
+    router logits, ``fmsaccel_moe.router_logits``). Outside compiled regions nothing changes.
+    """
+
+    def __init__(self, collector) -> None:
+        self.collector = collector
+
+    def get(self):
+        import torch
+
+        return None if torch.compiler.is_compiling() else self.collector.get()
+
+    def set(self, value):
+        return self.collector.set(value)
+
+    def reset(self, token) -> None:
+        self.collector.reset(token)
+
+
+def traceable_output_capture() -> bool:
+    """Install :class:`_CollectorOutsideGraphs` in transformers (False: this transformers has no such collector)."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return False
+    current = getattr(output_capturing, "_active_collector", None)
+    if current is None or not all(hasattr(current, name) for name in ("get", "set", "reset")):
+        return False
+    if not isinstance(current, _CollectorOutsideGraphs):
+        output_capturing._active_collector = _CollectorOutsideGraphs(current)
+    return True
 
 
 def _run_directly(function, *args):
