@@ -88,6 +88,19 @@ def resolve_backend(requested: str, shapes: set[ExpertShape], tokens: int) -> tu
     return best, f"auto: fwd+bwd per layer at {tokens} tokens ({shapes_text}): {detail} -> {best}"
 
 
+def warm_up_triton(shapes: set[ExpertShape]) -> list[int]:
+    """Compile and autotune the Triton kernels before training, at token counts that reach every variant
+    (``triton_kernels.warm_up_token_counts``); returns the counts run."""
+    from .triton_kernels import warm_up_token_counts
+
+    counts = []
+    for shape in shapes:
+        for tokens in warm_up_token_counts(shape.num_experts, shape.top_k):
+            _time_backend("triton", shape, tokens, repeats=0)
+            counts.append(tokens)
+    return counts
+
+
 def _time_backend(backend: str, shape: ExpertShape, tokens: int, repeats: int = 5) -> float:
     """Milliseconds for one forward+backward of one MoE layer on random routing."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
@@ -111,4 +124,4 @@ def _time_backend(backend: str, shape: ExpertShape, tokens: int, repeats: int = 
     for _ in range(repeats):
         step()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1000 / repeats
+    return (time.perf_counter() - start) * 1000 / max(repeats, 1)

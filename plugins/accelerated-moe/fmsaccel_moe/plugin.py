@@ -26,7 +26,7 @@ import torch
 from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainContext
 
 from . import expert_parallel
-from .backend import ExpertShape, resolve_backend, typical_batch_tokens
+from .backend import ExpertShape, resolve_backend, typical_batch_tokens, warm_up_triton
 from .lora import expert_lora_config, wants_expert_lora
 from .patch import ExpertsSettings, is_patched, patch_site
 from .quantized import four_bit_quant_type, quantize_experts
@@ -90,6 +90,10 @@ class MoEPlugin(AccelerationPlugin):
         ctx.report.note(self.name, f"experts GEMM backend: {why}"
                         + (f" ({tokens} tokens: {source})" if why.startswith("auto") else ""))
         ctx.extras["moe_backend"] = backend
+        if backend == "triton" and torch.cuda.is_available():
+            counts = warm_up_triton(shapes)
+            ctx.report.note(self.name, f"Triton kernels compiled and tuned before training at {len(counts)} token "
+                                       f"counts ({', '.join(map(str, counts))}): both row-tile heights, both parities")
 
         settings = ExpertsSettings(backend=backend, shard=self.shard)
         patched = sum(patch_site(site, settings) for site in sites)

@@ -36,12 +36,27 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
-def _row_block(routing: Routing) -> int:
+TALL_TILES_FROM_ROWS_PER_EXPERT = 512
+
+
+def row_block(rows: int, num_experts: int) -> int:
     """Row-tile height: tall tiles when experts get many rows, short ones for small groups."""
-    if interpreting():
-        return 16
-    rows_per_expert = routing.num_rows / max(routing.num_experts, 1)
-    return 128 if rows_per_expert >= 512 else 64
+    return 128 if rows / max(num_experts, 1) >= TALL_TILES_FROM_ROWS_PER_EXPERT else 64
+
+
+def _row_block(routing: Routing) -> int:
+    return 16 if interpreting() else row_block(routing.num_rows, routing.num_experts)
+
+
+def warm_up_token_counts(num_experts: int, top_k: int) -> list[int]:
+    """Token counts that between them meet every compiled variant a run can: both row-tile heights (a
+    constexpr and an autotuning key) and both parities (Triton specialises integers divisible by 16).
+    Run before training, so no step in the middle of a run stops to compile and autotune (s11c4, s11c6:
+    10 s at the first batch of long rows)."""
+    switch = -(-TALL_TILES_FROM_ROWS_PER_EXPERT * num_experts // top_k)  # first count with tall tiles
+    tall = -(-switch // 16) * 16
+    short = max(16, (switch // 2) // 16 * 16)
+    return [short, short + 1, tall, tall + 1]
 
 
 # ----------------------------------------------------------------------------- expert_mm

@@ -230,3 +230,14 @@ def test_routing_has_no_data_dependent_shapes():
     want = torch.tensor([(index == e).sum().item() for e in range(6)])
     routing = route(index, 6)
     assert torch.equal(routing.counts.cpu(), want) and torch.equal(routing.ends.cpu(), want.cumsum(0))
+
+
+@pytest.mark.parametrize("experts,top_k", [(40, 8), (8, 2), (5, 2), (128, 8)])
+def test_warm_up_token_counts_reach_every_compiled_variant(experts, top_k):
+    """Before training, the Triton kernels run at counts covering both row-tile heights and token counts divisible by
+    16 and not, so no training step meets a kernel variant for the first time (a 10 s autotune mid-run, s11c6)."""
+    counts = triton_kernels.warm_up_token_counts(experts, top_k)
+    heights = {triton_kernels.row_block(t * top_k, experts) for t in counts}
+    assert heights == {64, 128}
+    assert {t % 16 == 0 for t in counts} == {True, False}
+    assert all(t >= 16 for t in counts)
