@@ -123,8 +123,11 @@ class _CollectorOutsideGraphs:
     router logits, ``fmsaccel_moe.router_logits``). Outside compiled regions nothing changes.
     """
 
+    SUPPLIED = frozenset({"router_logits"})  # what a plugin hands over from compiled layers
+
     def __init__(self, collector) -> None:
         self.collector = collector
+        self.warned = False
 
     def get(self):
         import torch
@@ -132,6 +135,14 @@ class _CollectorOutsideGraphs:
         return None if torch.compiler.is_compiling() else self.collector.get()
 
     def set(self, value):
+        missing = sorted(k for k in (value or {}) if not k.startswith("_") and k not in self.SUPPLIED)
+        if missing and not self.warned:  # e.g. output_hidden_states: the compiled layers cannot record them
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "compiled decoder layers record no %s (transformers' output hooks cannot run inside them); "
+                "those outputs miss the compiled layers' share", ", ".join(missing))
+            self.warned = True
         return self.collector.set(value)
 
     def reset(self, token) -> None:

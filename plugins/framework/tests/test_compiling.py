@@ -1,0 +1,40 @@
+"""Regional compilation helpers: transformers' output collector inside compiled regions."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+
+def test_output_collector_is_off_inside_compiled_regions_and_says_what_it_cannot_record(caplog):
+    """Hooks reading the collector trace without a graph break (fullgraph) and see none there; outside they see it.
+    Asking for outputs no plugin supplies from compiled layers (hidden states) warns once."""
+    from transformers.utils import output_capturing
+
+    from fmsaccel_framework.compiling import _CollectorOutsideGraphs, traceable_output_capture
+
+    assert traceable_output_capture() and traceable_output_capture()  # idempotent
+    collector = output_capturing._active_collector
+    assert isinstance(collector, _CollectorOutsideGraphs)
+
+    def hook_like(x):
+        seen = output_capturing._active_collector.get()
+        return x + 1 if seen is None else x - 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(hook_like, fullgraph=True, backend="eager")
+    token = collector.set({"router_logits": []})
+    try:
+        assert collector.get() == {"router_logits": []}
+        assert compiled(torch.zeros(2)).tolist() == [1.0, 1.0]  # inside: no collector
+    finally:
+        collector.reset(token)
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    assert not warnings()  # router logits: supplied by accelerated-moe
+    collector.warned = False  # (another test in this process may have asked for hidden states already)
+    for _ in range(2):
+        collector.reset(collector.set({"hidden_states": [], "router_logits": []}))
+    assert [m for m in warnings() if "record no hidden_states" in m] == warnings() and len(warnings()) == 1
