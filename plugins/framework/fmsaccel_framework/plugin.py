@@ -74,6 +74,13 @@ class TrainContext:
         """Whether the run shards the model with FSDP (the ``distributed`` section, checked before launch)."""
         return (self.args.get("distributed") or {}).get("strategy") == "fsdp"
 
+    @property
+    def fsdp_checkpoints_layers(self) -> bool:
+        """Whether FSDP's own wrapper checkpoints the decoder layers, as the SFTConfig was built
+        (``fmsaccel_cli.distributed``: then transformers' gradient checkpointing is off)."""
+        fsdp_config = getattr(self.sft_config, "fsdp_config", None) or {}
+        return self.fsdp and bool(fsdp_config.get("activation_checkpointing"))
+
 
 class AccelerationPlugin:
     """Base class with no-op hooks; a plugin overrides only what it does."""

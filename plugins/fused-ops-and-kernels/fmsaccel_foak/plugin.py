@@ -145,8 +145,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             ctx.report.note(self.name, "activation_budget_gib unused: gradient checkpointing is off, so every layer "
                                        "keeps its activations already")
             return
-        fsdp_checkpoints = ((ctx.args.get("distributed") or {}).get("fsdp") or {}).get("activation_checkpointing")
-        if ctx.fsdp and fsdp_checkpoints is not False:  # FSDP's own wrapper checkpoints (fmsaccel_cli.distributed)
+        if ctx.fsdp_checkpoints_layers:
             ctx.report.note(self.name, "activation_budget_gib unused under FSDP: FSDP checkpoints every decoder "
                                        "layer itself")
             return

@@ -129,11 +129,17 @@ def test_budget_without_checkpointing_says_it_is_unused():
 
 def test_budget_under_fsdp_checkpointing_says_it_is_unused():
     """FSDP's own wrapper checkpoints the layers (transformers' flags are off): nothing to steer."""
+    from types import SimpleNamespace
+
+    from fmsaccel_cli.distributed import apply_to_sft_config
     from fmsaccel_framework.plugin import TrainContext
 
     for fsdp, unused in (({}, True), ({"activation_checkpointing": None}, True),
                          ({"activation_checkpointing": False}, False)):  # false keeps transformers' checkpointing
-        ctx = TrainContext(args={"gradient_checkpointing": True, "distributed": {"strategy": "fsdp", "fsdp": fsdp}})
+        args = {"gradient_checkpointing": True, "distributed": {"strategy": "fsdp", "fsdp": fsdp}}
+        sft_kwargs = {"gradient_checkpointing": True}
+        apply_to_sft_config(sft_kwargs, args)  # the SFTConfig the run builds (the FSDP checkpointing rule)
+        ctx = TrainContext(args=args, sft_config=SimpleNamespace(**sft_kwargs))
         model = tiny_model("llama")
         model.gradient_checkpointing_enable()
         build_plugin(activation_budget_gib=1.0).prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
