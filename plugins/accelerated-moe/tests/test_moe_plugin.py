@@ -312,3 +312,59 @@ def test_compile_layers_is_skipped_on_the_cpu_and_left_to_foak_when_it_compiled(
     ctx = _ctx()
     plugin.prepare_trainer(_Trainer(model), ctx)
     assert not ctx.report.entries and any("already compiled (foak)" in m for _, m in ctx.report.notes)
+
+
+def test_foak_compiled_moe_layers_with_padding_free_rows_match_eager(monkeypatch):
+    """The `-padding-free-foak` combination compiled by foak: RMSNorm, RoPE and the fused loss (their torch references
+    here), padding-free rows, the experts as custom ops and the router logits: one graph, no breaks, and the loss,
+    load-balancing loss and every gradient of the eager model, for rows of three shapes."""
+    import torch._dynamo
+
+    import fmsaccel_foak.runtime
+    import fmsaccel_framework.compiling
+    from fmsaccel_aadp.attention import register_attention
+    from fmsaccel_aadp.collator import collate_padding_free
+    from fmsaccel_cli import moe_compat
+    from fmsaccel_foak.spec import FOAK
+
+    monkeypatch.setattr(fmsaccel_foak.runtime, "is_interpreted", lambda kernel: False)
+    monkeypatch.setattr(fmsaccel_framework.compiling, "skip_reason", lambda model, fsdp: None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    foak_path = "training.fused_ops_and_kernels"
+
+    def build(compiled: bool):
+        model = tiny_model("granitemoe", seed=5)
+        model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.1
+        moe_compat.record_router_logits(model)
+        ctx = _ctx(gradient_checkpointing=True)
+        foak_keys = {k: v.default for k, v in FOAK.paths[foak_path].items()}
+        foak_keys.update(base_layer=None, fast_loss=True, fast_rms_layernorm=True, fast_rope_embeddings=True,
+                         compile_layers=compiled)
+        foak, moe = FOAK.build({foak_path: foak_keys}), _plugin(backend="grouped_mm", compile_layers=compiled)
+        model = moe.augment(foak.augment(model, ctx), ctx)
+        model.set_attn_implementation(register_attention("sdpa_masked"))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = _Trainer(model)
+        foak.prepare_trainer(trainer, ctx)
+        moe.prepare_trainer(trainer, ctx)
+        return model, ctx
+
+    eager, _ = build(False)
+    compiled, ctx = build(True)
+    assert any("already compiled (foak)" in m for _, m in ctx.report.notes)
+    g = torch.Generator().manual_seed(0)
+    for lengths in [(20, 7, 13), (9, 30), (40, 3, 8, 2)]:
+        rows = [{"input_ids": torch.randint(1, 128, (n,), generator=g).tolist()} for n in lengths]
+        batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in collate_padding_free(rows).items()}
+        want, got = (m(**batch, use_cache=False) for m in (eager, compiled))
+        torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+        want.loss.backward()
+        got.loss.backward()
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+            assert max_diff(p.grad, q.grad) < 1e-5, name
+            p.grad = q.grad = None
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
