@@ -99,6 +99,8 @@ def compile_decoder_layers(
     mode = "reduce-overhead" if cuda_graphs else None
     if cuda_graphs and layers:
         model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
+    if layers:
+        warn_if_not_compiled(model)
     if scope == "model" and layers:
         model.get_decoder().compile(dynamic=True, mode=mode)
         return layers
@@ -107,6 +109,36 @@ def compile_decoder_layers(
     for layer in layers:
         layer.compile(dynamic=True, mode=mode)
     return layers
+
+
+def compile_problems() -> list[str]:
+    """What kept compiled code from being whole graphs so far (Dynamo's counters): each graph break's reason, or
+    that nothing was compiled at all (a break inside a checkpointed region makes Dynamo run the region eagerly)."""
+    import torch._dynamo
+
+    counters = torch._dynamo.utils.counters
+    breaks = counters["graph_break"].items()
+    problems = [f"graph break ({count}x): {reason.splitlines()[0]}" for reason, count in breaks]
+    if not counters["stats"].get("unique_graphs"):
+        problems.append("no graph was compiled: the layers ran eagerly")
+    return problems
+
+
+def warn_if_not_compiled(model: nn.Module) -> None:
+    """After the first training forward (which compiles), say loudly if the layers are not whole compiled graphs:
+    a silent eager fallback would cost the run its speed without a word."""
+    import logging
+
+    def check(module, args, output):
+        if not module.training:
+            return
+        handle.remove()
+        problems = compile_problems()
+        if problems:
+            logging.getLogger(__name__).warning(
+                "compile_layers: the decoder layers are not one compiled graph each; %s", "; ".join(problems[:4]))
+
+    handle = model.register_forward_hook(check)
 
 
 class _CollectorOutsideGraphs:

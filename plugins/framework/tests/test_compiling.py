@@ -38,3 +38,39 @@ def test_output_collector_is_off_inside_compiled_regions_and_says_what_it_cannot
     for _ in range(2):
         collector.reset(collector.set({"hidden_states": [], "router_logits": []}))
     assert [m for m in warnings() if "record no hidden_states" in m] == warnings() and len(warnings()) == 1
+
+
+def test_compiled_layers_that_break_or_fall_back_say_so_after_the_first_forward(caplog, monkeypatch):
+    """A graph break inside a compiled layer is reported once, loudly, after the first training forward; a clean
+    compile says nothing."""
+    import torch._dynamo
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fmsaccel_framework.compiling import compile_decoder_layers
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, vocab_size=32)).train()
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    ids = torch.randint(0, 32, (1, 6))
+    for broken in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        caplog.clear()
+        m = model()
+        if broken:
+            for layer in m.model.layers:
+                layer.mlp.register_forward_hook(lambda *_: torch._dynamo.graph_break())
+        compile_decoder_layers(m)
+        for _ in range(2):
+            m(input_ids=ids).logits.sum().backward()
+        said = [w for w in warnings() if "not one compiled graph" in w]
+        assert len(said) == int(broken), warnings()
+        if broken:
+            assert "graph break" in said[0]
