@@ -134,9 +134,11 @@ class MoEPlugin(AccelerationPlugin):
         from fmsaccel_framework.lora import unwrap_peft
 
         base = unwrap_peft(model)
+        eager = [s for s in self.sites if s.head is not s.experts or not torch.is_tensor(s.experts.gate_up_proj)]
+        where = ("experts (LoRA on experts, 4-bit or sharded) run between its graphs" if eager or self.shard
+                 else "experts as custom ops in it")
         if compiled_layers(base):  # foak's compile_layers ran first (order 20): the same regions
-            ctx.report.note(self.name, "compile_layers: the decoder layers are already compiled (foak), the "
-                                       "experts as custom ops in their graphs")
+            ctx.report.note(self.name, f"compile_layers: the decoder layers are already compiled (foak), {where}")
         else:
             why_not = skip_reason(base, ctx.fsdp)
             if why_not:
@@ -146,9 +148,6 @@ class MoEPlugin(AccelerationPlugin):
             layers = compile_decoder_layers(base)
             if not layers:
                 raise PluginError(f"accelerated-moe compile_layers: {type(base).__name__} has no decoder layers")
-            eager = [s for s in self.sites if s.head is not s.experts or not torch.is_tensor(s.experts.gate_up_proj)]
-            where = ("experts (LoRA on experts, 4-bit or sharded) run between its graphs" if eager or self.shard
-                     else "experts as custom ops in it")
             ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
                                       f"all layers, {where}; compiles on the first step)", len(layers))
         if not supply_router_logits(base.get_decoder(), self.sites):
