@@ -150,7 +150,7 @@ class MoEPlugin(AccelerationPlugin):
                 raise PluginError(f"accelerated-moe compile_layers: {type(base).__name__} has no decoder layers")
             ctx.report.add(self.name, f"{type(layers[0]).__name__} -> torch.compile (dynamic shapes, one graph for "
                                       f"all layers, {where}; compiles on the first step)", len(layers))
-        if not supply_router_logits(base.get_decoder(), self.sites):
+        if not supply_router_logits(base.get_decoder(), self.sites, base.config):
             logger.warning("compile_layers: %s returns no [tokens, experts] logits; compiled layers record none, "
                            "so the load-balancing loss cannot be computed", type(self.sites[0].block).__name__)
             ctx.report.note(self.name, "compile_layers: no router logits recorded (no load-balancing loss)")

@@ -17,21 +17,27 @@ from .rules import MoESite
 ATTRIBUTE = "_fmsaccel_router_logits"
 
 
-def logits_index(router: torch.nn.Module) -> int | None:
-    """Which output of ``router`` holds the ``[tokens, experts]`` logits (probed once, eagerly)."""
-    weight = next(router.parameters())  # a linear router: [experts, hidden]
-    num_experts = weight.shape[0]
-    with torch.no_grad():
-        outputs = router(torch.zeros(2, weight.shape[-1], dtype=weight.dtype, device=weight.device))
+def logits_index(router: torch.nn.Module, hidden: int, num_experts: int) -> int | None:
+    """Which output of ``router`` holds the ``[tokens, experts]`` logits (probed once, eagerly; None if none does
+    or the probe fails)."""
+    tensor = next(router.parameters())
+    dtype = tensor.dtype if tensor.is_floating_point() and tensor.element_size() > 1 else torch.bfloat16
+    try:
+        with torch.no_grad():
+            outputs = router(torch.zeros(2, hidden, dtype=dtype, device=tensor.device))
+    except (RuntimeError, TypeError, ValueError):
+        return None
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     return next((i for i, t in enumerate(outputs) if torch.is_tensor(t) and t.is_floating_point()
                  and tuple(t.shape) == (2, num_experts)), None)
 
 
-def supply_router_logits(decoder: torch.nn.Module, sites: list[MoESite]) -> bool:
+def supply_router_logits(decoder: torch.nn.Module, sites: list[MoESite], config) -> bool:
     """Keep each router's logits and put them into ``decoder``'s output (False: the router shows no logits)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
     routers = [getattr(site.block, site.rule.router) for site in sites]
-    index = logits_index(routers[0])
+    index = logits_index(routers[0], text.hidden_size, int(num_experts)) if num_experts else None
     if index is None:
         return False
 
