@@ -111,8 +111,7 @@ class MoEPlugin(AccelerationPlugin):
                 patch_site(site, site.experts._fmsaccel_moe)
         if getattr(trainer, "aux_loss_enabled", False):  # TRL's SFTTrainer decides from router_aux_loss_coef
             ctx.report.note(self.name, f"load-balancing loss in the loss (coef {trainer.router_aux_loss_coef}, TRL)")
-        if self.compile_layers:
-            self._compile_layers(trainer.model, ctx)
+        self._compile_layers(trainer.model, ctx)
         if self.shard is None:
             return
         experts = [site.experts for site in self.sites]
@@ -129,7 +128,8 @@ class MoEPlugin(AccelerationPlugin):
 
     def _compile_layers(self, model, ctx: TrainContext) -> None:
         """Short MoE steps are paced by the CPU launching attention, norm, router and expert kernels one by one;
-        compiled layers launch a few fused graphs, the experts among them as custom ops (``graph_ops``)."""
+        compiled layers launch a few fused graphs, the experts among them as custom ops (``graph_ops``).
+        Layers compiled by this plugin or by foak get their router logits supplied (``router_logits``)."""
         from fmsaccel_framework.compiling import compile_decoder_layers, compiled_layers, skip_reason
         from fmsaccel_framework.lora import unwrap_peft
 
@@ -138,7 +138,9 @@ class MoEPlugin(AccelerationPlugin):
         where = ("experts (LoRA on experts, 4-bit or sharded) run between its graphs" if eager or self.shard
                  else "experts as custom ops in it")
         if compiled_layers(base):  # foak's compile_layers ran first (order 20): the same regions
-            ctx.report.note(self.name, f"compile_layers: the decoder layers are already compiled (foak), {where}")
+            ctx.report.note(self.name, f"the decoder layers are compiled (foak's compile_layers), {where}")
+        elif not self.compile_layers:
+            return
         else:
             why_not = skip_reason(base, ctx.fsdp)
             if why_not:
