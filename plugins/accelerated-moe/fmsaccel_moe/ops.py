@@ -45,6 +45,11 @@ def backend_module(name: str) -> ModuleType:
     raise ValueError(f"unknown MoE backend {name!r}; expected one of {BACKENDS}")
 
 
+def fuse_swiglu_for(down_proj, requested: bool | None) -> bool:
+    """Whether the down projection builds SwiGLU in its input loads (``None``: ``FUSE_SWIGLU_MAX_HIDDEN`` decides)."""
+    return down_proj.size(1) <= FUSE_SWIGLU_MAX_HIDDEN if requested is None else requested
+
+
 def _save_weight(ctx, weight) -> torch.Tensor | None:
     """A 4-bit expert weight (``quantized.QuantizedExpertWeight``) is kept as is and dequantised
     again in backward; returns the tensor to save (None for those)."""
@@ -181,9 +186,7 @@ def routed_experts(
     if lora_gate_up is not None:
         gate_up = gate_up + _lora_rows(x, lora_gate_up, routing, True, impl)
     weights = None if top_k_weights is None else top_k_weights.reshape(-1)[routing.slot.long()]
-    if fuse_swiglu is None:
-        fuse_swiglu = down_proj.size(1) <= FUSE_SWIGLU_MAX_HIDDEN
-    out = SwigluDownCombine.apply(gate_up, down_proj, routing, weights, impl, fuse_swiglu)
+    out = SwigluDownCombine.apply(gate_up, down_proj, routing, weights, impl, fuse_swiglu_for(down_proj, fuse_swiglu))
     if lora_down is not None:
         delta = _lora_rows(torch_kernels.swiglu_rows(gate_up), lora_down, routing, False, impl)
         if weights is not None:

@@ -16,7 +16,7 @@ import torch
 from .expert_parallel import EPShard, ep_routed_experts
 from .graph_ops import routed_experts_op
 from .lora import expert_lora_factors
-from .ops import FUSE_SWIGLU_MAX_HIDDEN, routed_experts
+from .ops import fuse_swiglu_for, routed_experts
 from .rules import MoESite, unwrap
 
 
@@ -24,7 +24,7 @@ from .rules import MoESite, unwrap
 class ExpertsSettings:
     backend: str  # "triton" | "grouped_mm"
     shard: EPShard | None = None
-    fuse_swiglu: bool | None = None  # None: ops.FUSE_SWIGLU_MAX_HIDDEN decides
+    fuse_swiglu: bool | None = None  # None: ops.fuse_swiglu_for decides
 
 
 def scattermoe_forward(
@@ -38,16 +38,22 @@ def scattermoe_forward(
     experts = unwrap(self)
     settings: ExpertsSettings = experts._fmsaccel_moe
     if torch.compiler.is_compiling():
-        gate_up, down = experts.gate_up_proj, experts.down_proj
-        plain = isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
-        if plain and self is experts and settings.shard is None:
-            fuse = settings.fuse_swiglu
-            fuse = down.size(1) <= FUSE_SWIGLU_MAX_HIDDEN if fuse is None else fuse
+        if runs_in_graph(self):
+            gate_up, down = experts.gate_up_proj, experts.down_proj
+            fuse = fuse_swiglu_for(down, settings.fuse_swiglu)
             x = hidden_states.to(gate_up.dtype)
             out = routed_experts_op(x, top_k_index, top_k_weights, gate_up, down, settings.backend, fuse)
             return out.to(hidden_states.dtype)
         return _experts_between_graphs(self, experts, settings, hidden_states, top_k_index, top_k_weights)
     return _eager_experts(self, experts, settings, hidden_states, top_k_index, top_k_weights)
+
+
+def runs_in_graph(head: torch.nn.Module) -> bool:
+    """Whether a compiled layer traces these experts as custom ops (``graph_ops``): plain 16-bit weights, no
+    LoRA on them (``head`` is the experts module itself), not sharded. Others run between the layer's graphs."""
+    experts = unwrap(head)
+    plain = torch.is_tensor(experts.gate_up_proj) and torch.is_tensor(experts.down_proj)
+    return plain and head is experts and experts._fmsaccel_moe.shard is None
 
 
 def _eager_experts(self, experts, settings: ExpertsSettings, hidden_states, top_k_index, top_k_weights):

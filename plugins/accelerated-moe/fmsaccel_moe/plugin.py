@@ -28,7 +28,7 @@ from fmsaccel_framework.plugin import AccelerationPlugin, PluginError, TrainCont
 from . import expert_parallel
 from .backend import ExpertShape, resolve_backend, typical_batch_tokens, warm_up_triton
 from .lora import expert_lora_config, wants_expert_lora
-from .patch import ExpertsSettings, is_patched, patch_site
+from .patch import ExpertsSettings, is_patched, patch_site, runs_in_graph
 from .quantized import four_bit_quant_type, quantize_experts
 from .router_logits import supply_router_logits
 from .rules import find_moe_sites
@@ -134,9 +134,9 @@ class MoEPlugin(AccelerationPlugin):
         from fmsaccel_framework.lora import unwrap_peft
 
         base = unwrap_peft(model)
-        eager = [s for s in self.sites if s.head is not s.experts or not torch.is_tensor(s.experts.gate_up_proj)]
-        where = ("experts (LoRA on experts, 4-bit or sharded) run between its graphs" if eager or self.shard
-                 else "experts as custom ops in it")
+        in_graph = all(runs_in_graph(site.head) for site in self.sites)
+        where = "experts as custom ops in it" if in_graph else \
+            "experts (LoRA on experts, 4-bit or sharded) run between its graphs"
         if compiled_layers(base):  # foak's compile_layers ran first (order 20): the same regions
             ctx.report.note(self.name, f"the decoder layers are compiled (foak's compile_layers), {where}")
         elif not self.compile_layers:
