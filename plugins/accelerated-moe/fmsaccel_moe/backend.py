@@ -96,13 +96,27 @@ def warm_up_triton(shapes: set[ExpertShape]) -> list[int]:
     counts = []
     for shape in shapes:
         for tokens in warm_up_token_counts(shape.num_experts, shape.top_k):
-            _time_backend("triton", shape, tokens, repeats=0)
+            _layer_step("triton", shape, tokens)()  # the first call compiles and autotunes
             counts.append(tokens)
+    torch.cuda.synchronize()
     return counts
 
 
 def _time_backend(backend: str, shape: ExpertShape, tokens: int, repeats: int = 5) -> float:
     """Milliseconds for one forward+backward of one MoE layer on random routing."""
+    step = _layer_step(backend, shape, tokens)
+    for _ in range(2):  # the first call autotunes the Triton kernels
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000 / repeats
+
+
+def _layer_step(backend: str, shape: ExpertShape, tokens: int):
+    """One forward+backward of one MoE layer of ``shape`` on random routing, as a callable."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     gen = torch.Generator(device=device).manual_seed(0)
     e, h, i, k = shape.num_experts, shape.hidden, shape.intermediate, shape.top_k
@@ -117,11 +131,4 @@ def _time_backend(backend: str, shape: ExpertShape, tokens: int, repeats: int = 
         out = routed_experts(x, index, weights, gate_up, down, backend=backend)
         out.backward(grad)
 
-    for _ in range(2):  # the first call autotunes the Triton kernels
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1000 / max(repeats, 1)
+    return step
