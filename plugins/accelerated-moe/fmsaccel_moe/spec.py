@@ -18,8 +18,8 @@ MOE = PluginSpec(
             "compile_layers": ConfigKey(
                 bool,
                 default=False,
-                help="torch.compile each decoder layer (dynamic shapes) around the expert kernels, which run "
-                "between its graphs: far fewer launches on short steps; CUDA only, not under FSDP",
+                help="torch.compile each decoder layer (dynamic shapes), the experts as custom ops in its graph: "
+                "far fewer launches on short steps; CUDA only, not under FSDP",
             ),
         }
     },
