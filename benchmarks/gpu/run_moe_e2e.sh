@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu/run_moe_e2e.sh           (from the repo root, with .whl carried)
 # Env: MODELS="granite mixtral", METHODS="full lora", RECIPES (default: the two above; the plain run always goes
 # first; an entry RECIPE@KEY=VALUE+KEY=VALUE adds --set options, e.g.
-# moe-scattermoe-granite-ep1@plugins.training.moe.scattermoe.compile_layers=false), PROFILE=1 (FMSACCEL_PROFILE: a
+# moe-scattermoe-granite-ep1@plugins.training.moe.scattermoe.compile_layers=false, run as ep1-moe.compile_layers_false), PROFILE=1 (FMSACCEL_PROFILE: a
 # profile of the last two warm-up steps, copied to $OUT/RUN.profile.txt), STEPS=20, WARMUP=4, EP=1 (2-GPU runs; needs 2 GPUs), CALL_S=570 (runs that would end past it are skipped:
 # a run takes RUN_S=100 s), MODEL=NAME:SHAPE pairs to test with other shapes (e.g. "granite:tiny-granitemoe").
 set -u
@@ -64,7 +64,10 @@ for model in ${MODELS:-granite mixtral}; do
     run "$model-$method-plain" "$plain" "$model" "$method" 1
     for recipe in ${RECIPES:-moe-scattermoe-granite-ep1 moe-scattermoe-granite-ep1-padding-free-foak}; do
       label=${recipe#moe-scattermoe-granite-}
-      [ "$label" = "${label%%@*}" ] || label="${label%%@*}-${label##*.}"  # ep1@...compile_layers=false -> ep1-compile_layers=false
+      if [ "$label" != "${label%%@*}" ]; then  # ep1@plugins.training.moe.scattermoe.compile_layers=false -> ep1-moe.compile_layers_false
+        sets=${label#*@}; sets=${sets//plugins.training./}; sets=${sets//fused_ops_and_kernels/foak}
+        sets=${sets//moe.scattermoe/moe}; sets=${sets//=/_}; label="${label%%@*}-${sets//+/-}"
+      fi
       run "$model-$method-$label" "$recipe" "$model" "$method" 1
     done
   done
