@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import backend_module, linear_backward, swiglu_down_backward, swiglu_down_combine
+from .ops import backend_module, linear_backward, sorted_weights, swiglu_down_backward, swiglu_down_combine
 from .routing import Routing, route
 
 Tensor = torch.Tensor
@@ -41,7 +41,7 @@ def _forward(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj
     impl = backend_module(backend)
     routing = route(top_k_index, gate_up_proj.size(0))
     gate_up = impl.expert_mm(x, gate_up_proj, routing, gather=True)
-    weights = top_k_weights.reshape(-1)[routing.slot.long()]
+    weights = sorted_weights(top_k_weights, routing.slot)
     out = swiglu_down_combine(gate_up, down_proj, routing, weights, impl, fuse)
     return out, gate_up, routing.expert, routing.slot, routing.token, routing.counts
 
@@ -62,7 +62,7 @@ def _backward(d_out: Tensor, x: Tensor, top_k_weights: Tensor, gate_up_proj: Ten
     impl = backend_module(backend)
     top_k = top_k_weights.size(1)
     routing = _routing(expert, slot, token, counts, gate_up_proj.size(0), top_k)
-    weights = top_k_weights.reshape(-1)[slot.long()]
+    weights = sorted_weights(top_k_weights, slot)
     want_x, want_weights, want_gate_up, want_down = wanted
     d_gate_up, d_down, d_rows = swiglu_down_backward(d_out, gate_up, down_proj, routing=routing, weights=weights,
                                                      backend=impl, fuse=fuse, want_down=want_down)

@@ -155,6 +155,13 @@ class ExpertLoRA:
     scale: float
 
 
+def sorted_weights(top_k_weights: torch.Tensor, routing_slot: torch.Tensor) -> torch.Tensor:
+    """The routing weights in sorted-row order, always fp32: routers hand them over in the model's dtype (bf16
+    for Granite and Mixtral) or in fp32, and a kernel argument of another dtype is another Triton compilation, met
+    mid-run when a batch first needs tall row tiles (s12c1: a 2.8 s step), after the warm-up had tuned fp32."""
+    return top_k_weights.reshape(-1)[routing_slot.long()].float()
+
+
 def _lora_rows(x, lora: ExpertLoRA, routing: Routing, gather: bool, backend: ModuleType) -> torch.Tensor:
     low = ExpertLinear.apply(x, lora.a.to(x.dtype), routing, gather, backend)
     return ExpertLinear.apply(low, lora.b.to(x.dtype), routing, False, backend) * lora.scale
@@ -185,11 +192,11 @@ def routed_experts(
     gate_up = ExpertLinear.apply(x, gate_up_proj, routing, True, impl)
     if lora_gate_up is not None:
         gate_up = gate_up + _lora_rows(x, lora_gate_up, routing, True, impl)
-    weights = None if top_k_weights is None else top_k_weights.reshape(-1)[routing.slot.long()]
+    weights = None if top_k_weights is None else sorted_weights(top_k_weights, routing.slot)
     out = SwigluDownCombine.apply(gate_up, down_proj, routing, weights, impl, fuse_swiglu_for(down_proj, fuse_swiglu))
     if lora_down is not None:
         delta = _lora_rows(torch_kernels.swiglu_rows(gate_up), lora_down, routing, False, impl)
         if weights is not None:
-            delta = delta * weights[:, None]
+            delta = delta * weights[:, None].to(delta.dtype)
         out = out + _sum_slots(delta[routing.inverse()], routing)
     return out.to(hidden_states.dtype)

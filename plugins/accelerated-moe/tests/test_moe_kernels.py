@@ -241,3 +241,38 @@ def test_warm_up_token_counts_reach_every_compiled_variant(experts, top_k):
     assert heights == {64, 128}
     assert {t % 16 == 0 for t in counts} == {True, False}
     assert all(t >= 16 for t in counts)
+
+
+@pytest.mark.parametrize("router_dtype", [torch.bfloat16, torch.float32])
+def test_kernels_get_fp32_routing_weights_whatever_the_router_hands_over(monkeypatch, router_dtype):
+    """Routers give their weights in the model's dtype (bf16 for Granite and Mixtral) or in fp32; the kernels always
+    get fp32 ones, the dtype the warm-up tunes. Another dtype is another Triton compilation, met mid-run at the first
+    batch long enough for tall row tiles (s12c1: a 2.8 s step after the warm-up). The graph op and the autograd
+    functions alike, forward and backward, with the same numbers."""
+    from fmsaccel_moe.graph_ops import routed_experts_op
+
+    seen = []
+    for name in ("expert_mm", "expert_xty", "swiglu_backward"):
+        original = getattr(torch_kernels, name)
+
+        def spy(*args, _original=original, **kwargs):
+            scale = kwargs.get("row_scale", kwargs.get("a_row_scale", args[2] if len(args) > 2 else None))
+            if isinstance(scale, torch.Tensor):
+                seen.append(scale.dtype)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch_kernels, name, spy)
+    torch.manual_seed(3)
+    experts = _mixtral_experts(hidden=16, inter=12, experts=5, dtype=torch.float32)
+    x = torch.randn(11, 16, device=DEVICE, requires_grad=True)
+    logits = torch.randn(11, 5, device=DEVICE, requires_grad=True)
+    outputs = []
+    autograd_functions = lambda *a: routed_experts(*a, backend="grouped_mm")  # noqa: E731
+    custom_ops = lambda *a: routed_experts_op(*a, "grouped_mm", True)  # noqa: E731
+    for fn in (autograd_functions, custom_ops):
+        weights, index = logits.softmax(-1).topk(2, dim=-1)
+        out = fn(x, index, weights.to(router_dtype), experts.gate_up_proj, experts.down_proj)
+        outputs.append((out, *torch.autograd.grad(out.square().sum(), [x, logits])))
+    assert len(seen) >= 6 and set(seen) == {torch.float32}, seen
+    for got, want in zip(*outputs, strict=True):
+        assert max_diff(got, want) < 1e-5 * max(1.0, want.abs().max().item())
