@@ -58,7 +58,7 @@ run() {
   [ -f "$RUNS/$name/profile.txt" ] && cp "$RUNS/$name/profile.txt" "$OUT/$name.profile.txt"
 }
 
-for model in ${MODELS:-granite mixtral}; do
+for model in ${MODELS-granite mixtral}; do  # MODELS="" with EP=1: the 2-GPU runs alone
   for method in ${METHODS:-full lora}; do
     plain=$([ "$method" = lora ] && echo standard-peft || echo full-finetuning)
     run "$model-$method-plain" "$plain" "$model" "$method" 1
