@@ -122,7 +122,14 @@ for r in rows:
         r["target"] = f">={bars[r['setup']]}x" + (" at <=1.0x memory" if r["setup"] == "ep1" else "") + \
             (" ok" if ok else " MISSED")
 
-columns = ["run", "status", "tokens_per_s_total", "vs_plain", "peak_mem_gib", "mem_vs_plain", "final_loss", "target"]
+ep1x2 = next((r for r in rows if r["setup"] == "ep1x2" and r["status"] == "ok"), None)
+for r in rows:  # expert parallelism against data parallelism on the same 2 GPUs
+    if r["setup"] == "ep2x2" and r["status"] == "ok" and ep1x2:
+        r["vs_ep1x2"] = round(r["tokens_per_s_total"] / ep1x2["tokens_per_s_total"], 3)
+        r["mem_vs_ep1x2"] = round(r["peak_mem_gib"] / ep1x2["peak_mem_gib"], 3)
+
+columns = ["run", "status", "tokens_per_s_total", "vs_plain", "peak_mem_gib", "mem_vs_plain", "final_loss", "target",
+           "vs_ep1x2", "mem_vs_ep1x2"]
 print_table(rows, columns)
 for r in rows:
     if r["status"] != "ok":
