@@ -92,6 +92,11 @@ def compile_decoder_layers(
 
     if not cse:
         torch._functorch.config.cse = False  # read when each graph compiles; our layers are the process's graphs
+    # Dynamo's DDPOptimizer splits a graph compiled under DDP's forward at gradient-bucket boundaries, assuming it
+    # sees the whole model. Our regions are single layers (their gradients arrive together at the end of the layer's
+    # backward graph anyway), and the split crashed on a float crossing two pieces (s12c3, 2 GPUs:
+    # "'float' object has no attribute 'meta'"; pytorch/pytorch#196227).
+    torch._dynamo.config.optimize_ddp = False
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     traceable_output_capture()

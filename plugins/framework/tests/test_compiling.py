@@ -74,3 +74,49 @@ def test_compiled_layers_that_break_or_fall_back_say_so_after_the_first_forward(
         assert len(said) == int(broken), warnings()
         if broken:
             assert "graph break" in said[0]
+
+
+def test_layers_compiled_under_ddp_are_not_split_at_gradient_buckets(monkeypatch):
+    """Under DDP, Dynamo's DDPOptimizer would split each compiled layer at gradient-bucket boundaries (it assumes it
+    sees the whole model) and crashed doing so on 2 GPUs (s12c3). Regional compilation turns it off; a DDP step over
+    compiled layers, with buckets small enough to split them, never reaches it and trains like the plain model."""
+    import os
+
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch._dynamo.backends import distributed as dynamo_ddp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fmsaccel_framework.compiling import compile_decoder_layers
+
+    splits = []
+    monkeypatch.setattr(dynamo_ddp.DDPOptimizer, "compile_fn", lambda self, *a: splits.append(a) or None)
+    monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 64)
+    monkeypatch.setitem(os.environ, "MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setitem(os.environ, "MASTER_PORT", "29547")
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # the default, restored after the test
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, vocab_size=32)).train()
+
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        plain, compiled = model(), model()
+        compile_decoder_layers(compiled)
+        assert torch._dynamo.config.optimize_ddp is False
+        ddp = torch.nn.parallel.DistributedDataParallel(compiled, bucket_cap_mb=64 / 2**20)
+        ids = torch.randint(0, 32, (2, 6))
+        want, got = plain(input_ids=ids, labels=ids).loss, ddp(input_ids=ids, labels=ids).loss
+        want.backward()
+        got.backward()
+    finally:
+        dist.destroy_process_group()
+    assert not splits
+    torch.testing.assert_close(got, want)
+    for p, q in zip(compiled.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
