@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import copy
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from moe_testing import DEVICE, max_diff, tiny_model
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from fmsaccel_framework.plugin import PluginError, TrainContext
 from fmsaccel_moe.patch import unpatch_site
 from fmsaccel_moe.rules import find_moe_sites
 from fmsaccel_moe.spec import MOE
+
+RECIPES = Path(__file__).parents[3] / "recipes" / "framework"
+RECIPE = OmegaConf.load(RECIPES / "moe-scattermoe-granite-ep1-padding-free-foak.yaml")
 
 
 def _plugin(**keys):
@@ -316,10 +321,11 @@ def test_compile_layers_is_skipped_on_the_cpu_and_left_to_foak_when_it_compiled(
 
 @pytest.mark.parametrize("compiler", ["foak", "moe"])
 def test_foak_compiled_moe_layers_with_padding_free_rows_match_eager(monkeypatch, compiler):
-    """The `-padding-free-foak` combination compiled by foak or by the MoE plugin (as the recipe does, with foak's
-    activation budget leaving some layers unchecked): RMSNorm, RoPE and the fused loss (their torch references here),
-    padding-free rows, the experts as custom ops and the router logits: one graph, no breaks, and the loss,
-    load-balancing loss and every gradient of the eager model, for rows of three shapes."""
+    """The `-padding-free-foak` combination compiled by foak (with its RMSNorm and RoPE, their torch references here)
+    or by the MoE plugin with the recipe's own foak keys (the fused loss, and the activation budget leaving some
+    layers unchecked): padding-free rows, the experts as custom ops and the router logits: one graph (two with the
+    budget), no breaks, and the loss, load-balancing loss and every gradient of the eager model, for rows of three
+    shapes."""
     import torch._dynamo
 
     import fmsaccel_foak.runtime
@@ -341,10 +347,12 @@ def test_foak_compiled_moe_layers_with_padding_free_rows_match_eager(monkeypatch
         moe_compat.record_router_logits(model)
         ctx = _ctx(gradient_checkpointing=True)
         foak_keys = {k: v.default for k, v in FOAK.paths[foak_path].items()}
-        foak_keys.update(base_layer=None, fast_loss=True, fast_rms_layernorm=True, fast_rope_embeddings=True,
-                         compile_layers=compiled and compiler == "foak")
-        if compiled and compiler == "moe":
-            foak_keys["activation_budget_gib"] = 40 * 3000 / 2**30  # about one of the two layers at these lengths
+        if compiler == "foak":
+            foak_keys.update(base_layer=None, fast_loss=True, fast_rms_layernorm=True, fast_rope_embeddings=True,
+                             compile_layers=compiled)
+        else:
+            foak_keys.update(RECIPE.plugins.training.fused_ops_and_kernels)
+            foak_keys["activation_budget_gib"] = 40 * 3000 / 2**30  # at these lengths: one or both of the two layers
         # with foak's key, the MoE plugin still finds the layers compiled and supplies the router logits
         foak = FOAK.build({foak_path: foak_keys})
         moe = _plugin(backend="grouped_mm", compile_layers=compiled and compiler == "moe")
