@@ -44,11 +44,30 @@ def _rows(a: torch.Tensor, routing: Routing, gather: bool) -> torch.Tensor:
     return a.index_select(0, routing.token.long()) if gather else a
 
 
+# fp32 temporaries of at most 64 MiB each: SwiGLU and its gradient run over row chunks of this many elements. At
+# the mixtral-8x7b shape a padded R batch has 16k expert rows of 14,336: done whole, the fp32 temporaries of the
+# gradient alone came to ~20 rows-by-intermediate bf16 tensors (~9 GB), and `auto` runs this backend there (s12c3:
+# LoRA at 1.37x plain transformers' memory).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(rows: int, width: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def swiglu_rows(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of ``[gate | up]`` rows, computed in fp32 like the kernels."""
     inter = gate_up.size(-1) // 2
-    gate, up = gate_up[..., :inter].float(), gate_up[..., inter:].float()
-    return (F.silu(gate) * up).to(gate_up.dtype)
+    if torch.is_grad_enabled() and gate_up.requires_grad:  # autograd (LoRA on experts) records the plain ops
+        gate, up = gate_up[..., :inter].float(), gate_up[..., inter:].float()
+        return (F.silu(gate) * up).to(gate_up.dtype)
+    rows = gate_up.reshape(-1, gate_up.size(-1))
+    out = rows.new_empty(rows.size(0), inter)
+    for start, end in _row_chunks(rows.size(0), inter):
+        gate = rows[start:end, :inter].to(torch.float32, copy=True)  # silu in place: never on the input
+        out[start:end] = F.silu(gate, inplace=True).mul_(rows[start:end, inter:])
+    return out.view(*gate_up.shape[:-1], inter)
 
 
 def _mm_groups(x: torch.Tensor, w: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -97,8 +116,8 @@ def expert_mm(
     if not grouped_mm_supported(x, w):
         w = w.contiguous()
     y = _mm_groups(x, w, routing)
-    if row_scale is not None:
-        y = (y.float() * row_scale.float()[:, None]).to(y.dtype)
+    if row_scale is not None:  # in place, multiplied in fp32 and rounded once (as (y.float() * s).to(y.dtype))
+        y = y.mul_(row_scale.float()[:, None])
     if scatter:
         out = torch.empty_like(y)
         out[routing.slot.long()] = y
@@ -118,8 +137,9 @@ def expert_xty(
 ) -> torch.Tensor:
     """See ``triton_kernels.expert_xty``."""
     a_rows = _rows(a, routing, gather_a)
-    if a_row_scale is not None:
-        a_rows = (a_rows.float() * a_row_scale.float()[:, None]).to(a.dtype)
+    if a_row_scale is not None:  # multiplied in fp32, rounded once; in place on a gathered copy
+        scale = a_row_scale.float()[:, None]
+        a_rows = a_rows.mul_(scale) if gather_a else (a_rows * scale).to(a.dtype)
     b_rows = _rows(b, routing, gather_b)
     if swiglu_b:
         b_rows = swiglu_rows(b_rows)
@@ -134,16 +154,22 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(
     gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """See ``triton_kernels.swiglu_backward``."""
-    inter = gate_up.size(1) // 2
-    gate, up, g = gate_up[:, :inter].float(), gate_up[:, inter:].float(), grad.float()
-    scale = row_scale.float()[:, None] if row_scale is not None else None
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    d_scale = (g * silu * up).sum(1) if scale is not None else None
-    dh = g * scale if scale is not None else g
-    d_gate = dh * up * sig * (1 + gate * (1 - sig))
-    h = None
-    if want_h:
-        h = (silu * up * scale if scale is not None else silu * up).to(gate_up.dtype)
-    return torch.cat([d_gate, dh * silu], dim=1).to(gate_up.dtype), d_scale, h
+    """See ``triton_kernels.swiglu_backward``. In fp32, over row chunks (``CHUNK_ELEMENTS``)."""
+    rows, inter = gate_up.size(0), gate_up.size(1) // 2
+    d_gate_up = gate_up.new_empty(rows, 2 * inter)
+    d_scale = gate_up.new_empty(rows, dtype=torch.float32) if row_scale is not None else None
+    h = gate_up.new_empty(rows, inter) if want_h else None
+    for start, end in _row_chunks(rows, inter):
+        chunk = slice(start, end)
+        gate, up, g = gate_up[chunk, :inter].float(), gate_up[chunk, inter:].float(), grad[chunk].float()
+        scale = row_scale[chunk].float()[:, None] if row_scale is not None else None
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        if scale is not None:
+            d_scale[chunk] = (g * silu * up).sum(1)
+        dh = g * scale if scale is not None else g
+        d_gate_up[chunk, :inter] = dh * up * sig * (1 + gate * (1 - sig))
+        d_gate_up[chunk, inter:] = dh * silu
+        if want_h:
+            h[chunk] = silu * up * scale if scale is not None else silu * up
+    return d_gate_up, d_scale, h
