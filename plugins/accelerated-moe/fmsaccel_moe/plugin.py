@@ -86,6 +86,8 @@ class MoEPlugin(AccelerationPlugin):
                                               batch * int(ctx.args.get("max_seq_length", 1024)),
                                               packed=bool(ctx.extras.get("padding_free")),
                                               multipack=bool(ctx.extras.get("multipack")))
+        if torch.cuda.is_available():
+            _check_routing_kernels(shapes, ctx, self.name)
         backend, why = resolve_backend(self.backend, shapes, tokens)
         ctx.report.note(self.name, f"experts GEMM backend: {why}"
                         + (f" ({tokens} tokens: {source})" if why.startswith("auto") else ""))
@@ -167,6 +169,25 @@ def _shape(site, config) -> ExpertShape:
         top_k=int(config.num_experts_per_tok),
         dtype=gate_up.dtype,
     )
+
+
+def _check_routing_kernels(shapes, ctx: TrainContext, name: str, device: torch.device | None = None) -> None:
+    """Turn the Triton routing kernels off, loudly, where they do not give the torch routing on this GPU."""
+    from . import routing
+    from .routing_kernels import agrees_with_torch
+
+    shape = max(shapes, key=lambda s: s.num_experts)
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    try:
+        agree = agrees_with_torch(device, shape.num_experts, shape.top_k)
+        problem = "they disagree with the torch routing here"
+    except Exception as err:  # noqa: BLE001 (a Triton or driver these kernels do not suit: torch routing instead)
+        agree, problem = False, f"{type(err).__name__}: {err}"
+    routing.KERNELS = agree
+    if not agree:
+        message = f"routing kernels off ({problem}): routing runs as ~30 torch ops a layer"
+        logger.warning("accelerated-moe: %s", message)
+        ctx.report.note(name, message)
 
 
 def _keep_experts_4bit(model, sites, ctx: TrainContext, plugin: str) -> None:

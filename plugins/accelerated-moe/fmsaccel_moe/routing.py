@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# On CUDA, route() and Routing.blocks() run routing_kernels (two Triton launches for some thirty torch ops); the
+# plugin turns this off when their self-check disagrees with the torch code below on the GPU at hand.
+KERNELS = True
+
 
 @dataclass
 class Routing:
@@ -62,6 +66,10 @@ class Routing:
         ``cdiv(S, block_m) + E`` tiles, an upper bound known without a host sync;
         unused tiles have expert ``-1``.
         """
+        if block_m not in self._cache and self.ends.is_cuda and KERNELS:
+            from .routing_kernels import tile_map
+
+            self._cache[block_m] = tile_map(self.ends, self.num_rows, block_m)
         if block_m not in self._cache:
             e = self.num_experts
             tiles_per_expert = (self.counts + block_m - 1) // block_m
@@ -89,6 +97,11 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     top_k = top_k_index.size(1)
     flat = top_k_index.reshape(-1)
     expert, slot = torch.sort(flat, stable=True)
+    if flat.is_cuda and KERNELS:  # the rest in one launch
+        from .routing_kernels import route_metadata
+
+        expert, slot, token, counts, ends = route_metadata(expert, slot, num_experts, top_k)
+        return Routing(expert, slot, token, counts, ends, num_experts, top_k)
     # Group ends from the sorted experts: no host sync (CUDA's bincount asks the host for the input's range,
     # a sync in every MoE layer that serialised the CPU with the GPU: s11c2), and deterministic.
     bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=expert.dtype)

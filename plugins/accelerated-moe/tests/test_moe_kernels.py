@@ -9,6 +9,7 @@ from moe_testing import DEVICE, max_diff
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
+from fmsaccel_framework.plugin import TrainContext
 from fmsaccel_moe import torch_kernels, triton_kernels
 from fmsaccel_moe.ops import ExpertLoRA, routed_experts
 from fmsaccel_moe.routing import route
@@ -324,3 +325,47 @@ def test_torch_swiglu_and_its_gradient_hold_fp32_temporaries_of_one_row_chunk(mo
     assert backward.peak <= outputs + 12 * chunk_bytes < outputs + 4 * rows * inter * 4
     for got, want in zip((h, *chunked), whole, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,empty", [(37, 6, 2, (3,)), (40, 40, 8, (0, 39)), (5, 128, 8, ()),
+                                                        (90, 5, 1, (0, 4)), (3, 8, 2, ())])
+def test_routing_kernels_equal_the_torch_routing(tokens, experts, top_k, empty):
+    """What ``route`` and ``Routing.blocks`` do on CUDA (two Triton launches) equals their torch code: the int32 rows,
+    group counts and ends (with empty experts first, in the middle and last), and the tile map at every tile
+    height."""
+    from fmsaccel_moe.routing_kernels import route_metadata, tile_map
+
+    scores = torch.rand(tokens, experts, generator=torch.Generator().manual_seed(tokens))
+    scores[:, list(empty)] = -1.0
+    index = scores.topk(top_k, dim=-1).indices.to(DEVICE)
+    want = route(index, experts)
+    assert all(want.counts[e] == 0 for e in empty)
+    got = route_metadata(*torch.sort(index.reshape(-1), stable=True), experts, top_k)
+    for name, g in zip(("expert", "slot", "token", "counts", "ends"), got, strict=True):
+        w = getattr(want, name)
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+    for block_m in (16, 64, 128):
+        for g, w in zip(tile_map(got[4], want.num_rows, block_m), want.blocks(block_m), strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w), block_m
+
+
+def test_routing_kernels_check_themselves_against_torch(monkeypatch):
+    """The check the plugin runs on the GPU before training (under the interpreter here): true for these kernels, false
+    for a broken one, which the plugin then turns off, loudly."""
+    from fmsaccel_moe import plugin, routing, routing_kernels
+    from fmsaccel_moe.backend import ExpertShape
+
+    assert routing_kernels.agrees_with_torch(DEVICE, 10, 3)
+    broken = routing_kernels.route_metadata
+
+    def off_by_one(*args):
+        expert, slot, token, counts, ends = broken(*args)
+        return expert, slot, token, counts, ends + 1
+
+    monkeypatch.setattr(routing_kernels, "route_metadata", off_by_one)
+    assert not routing_kernels.agrees_with_torch(DEVICE, 10, 3)
+    monkeypatch.setattr(routing, "KERNELS", True)
+    ctx = TrainContext(args={})
+    plugin._check_routing_kernels({ExpertShape(10, 8, 6, 3, torch.float32)}, ctx, "accelerated-moe", DEVICE)
+    assert routing.KERNELS is False
+    assert any("routing kernels off" in note for _, note in ctx.report.notes)
