@@ -96,12 +96,12 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> Routing:
         raise ValueError(f"top_k_index must be [tokens, top_k], got shape {tuple(top_k_index.shape)}")
     top_k = top_k_index.size(1)
     flat = top_k_index.reshape(-1)
-    expert, slot = torch.sort(flat, stable=True)
     if flat.is_cuda and KERNELS:  # the rest in one launch
-        from .routing_kernels import route_metadata
+        from .routing_kernels import route_metadata, sort_by_expert
 
-        expert, slot, token, counts, ends = route_metadata(expert, slot, num_experts, top_k)
+        expert, slot, token, counts, ends = route_metadata(*sort_by_expert(flat, num_experts), num_experts, top_k)
         return Routing(expert, slot, token, counts, ends, num_experts, top_k)
+    expert, slot = torch.sort(flat, stable=True)
     # Group ends from the sorted experts: no host sync (CUDA's bincount asks the host for the input's range,
     # a sync in every MoE layer that serialised the CPU with the GPU: s11c2), and deterministic.
     bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=expert.dtype)

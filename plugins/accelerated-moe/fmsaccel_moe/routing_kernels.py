@@ -42,6 +42,12 @@ def _route_kernel(sorted_ptr, order_ptr, expert_ptr, slot_ptr, token_ptr, ends_p
         tl.store(ends_ptr + experts, tl.zeros((BLOCK_E,), dtype=tl.int64), mask=before)
 
 
+def sort_by_expert(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stable sort of the flat expert choices, on one-byte keys where they fit: one radix pass instead of eight
+    for int64 keys."""
+    return torch.sort(flat.to(torch.uint8 if num_experts < 256 else torch.int32), stable=True)
+
+
 def route_metadata(sorted_expert: torch.Tensor, order: torch.Tensor, num_experts: int, top_k: int):
     """From ``torch.sort``'s values and indices: ``(expert, slot, token)`` int32 and ``(counts, ends)`` int64."""
     rows = sorted_expert.numel()
@@ -105,7 +111,7 @@ def agrees_with_torch(device: torch.device, num_experts: int, top_k: int) -> boo
         want_tiles = [want.blocks(block_m) for block_m in (64, 128)]
     finally:
         routing.KERNELS = saved
-    got = route_metadata(*torch.sort(index.reshape(-1), stable=True), num_experts, index.size(1))
+    got = route_metadata(*sort_by_expert(index.reshape(-1), num_experts), num_experts, index.size(1))
     got_tiles = [tile_map(got[4], want.num_rows, block_m) for block_m in (64, 128)]
     want_all = [want.expert, want.slot, want.token, want.counts, want.ends, *want_tiles[0], *want_tiles[1]]
     got_all = [*got, *got_tiles[0], *got_tiles[1]]

@@ -340,10 +340,11 @@ def test_routing_kernels_equal_the_torch_routing(tokens, experts, top_k, empty):
     index = scores.topk(top_k, dim=-1).indices.to(DEVICE)
     want = route(index, experts)
     assert all(want.counts[e] == 0 for e in empty)
-    got = route_metadata(*torch.sort(index.reshape(-1), stable=True), experts, top_k)
-    for name, g in zip(("expert", "slot", "token", "counts", "ends"), got, strict=True):
-        w = getattr(want, name)
-        assert g.dtype == w.dtype and torch.equal(g, w), name
+    for keys in (torch.int64, torch.int32, torch.uint8):  # route() sorts one-byte keys on CUDA
+        got = route_metadata(*torch.sort(index.reshape(-1).to(keys), stable=True), experts, top_k)
+        for name, g in zip(("expert", "slot", "token", "counts", "ends"), got, strict=True):
+            w = getattr(want, name)
+            assert g.dtype == w.dtype and torch.equal(g, w), (name, keys)
     for block_m in (16, 64, 128):
         for g, w in zip(tile_map(got[4], want.num_rows, block_m), want.blocks(block_m), strict=True):
             assert g.dtype == w.dtype and torch.equal(g, w), block_m
