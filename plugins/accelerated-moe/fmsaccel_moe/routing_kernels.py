@@ -18,8 +18,8 @@ ROWS_PER_PROGRAM = 32
 
 
 @triton.jit(do_not_specialize=["rows"])
-def _route_kernel(sorted_ptr, order_ptr, expert_ptr, slot_ptr, token_ptr, ends_ptr, rows, num_experts, top_k,
-                  BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_kernel(sorted_ptr, order_ptr, expert_ptr, slot_ptr, token_ptr, ends_ptr, previous_ptr, rows, num_experts,
+                  top_k, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < rows
@@ -36,10 +36,14 @@ def _route_kernel(sorted_ptr, order_ptr, expert_ptr, slot_ptr, token_ptr, ends_p
     end = tl.sum(tl.where(hit, (offs + 1)[:, None], 0), axis=0)
     met = (tl.max(hit.to(tl.int32), axis=0) > 0) & (experts < num_experts)
     tl.store(ends_ptr + experts, end.to(tl.int64), mask=met)
+    tl.store(previous_ptr + experts + 1, end.to(tl.int64), mask=met & (experts + 1 < num_experts))  # for the counts
     if pid == 0:  # experts before the first chosen one end at row 0
         first = tl.load(sorted_ptr)
         before = (experts < first) & (experts < num_experts)
-        tl.store(ends_ptr + experts, tl.zeros((BLOCK_E,), dtype=tl.int64), mask=before)
+        zeros = tl.zeros((BLOCK_E,), dtype=tl.int64)
+        tl.store(ends_ptr + experts, zeros, mask=before)
+        tl.store(previous_ptr + experts + 1, zeros, mask=before & (experts + 1 < num_experts))
+        tl.store(previous_ptr + experts, zeros, mask=experts == 0)
 
 
 def sort_by_expert(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,13 +56,16 @@ def route_metadata(sorted_expert: torch.Tensor, order: torch.Tensor, num_experts
     """From ``torch.sort``'s values and indices: ``(expert, slot, token)`` int32 and ``(counts, ends)`` int64."""
     rows = sorted_expert.numel()
     expert, slot, token = (torch.empty(rows, dtype=torch.int32, device=order.device) for _ in range(3))
-    bounds = torch.zeros(num_experts + 1, dtype=torch.int64, device=order.device)  # [0, ends...]
-    if rows:
-        grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-        _route_kernel[grid](sorted_expert, order, expert, slot, token, bounds[1:], rows, num_experts, top_k,
-                            BLOCK=ROWS_PER_PROGRAM, BLOCK_E=triton.next_power_of_2(num_experts))
-    ends = bounds[1:]
-    return expert, slot, token, ends - bounds[:-1], ends
+    if not rows:
+        zeros = torch.zeros(num_experts, dtype=torch.int64, device=order.device)
+        return expert, slot, token, zeros, zeros.clone()
+    # ends and the ends shifted by one expert, each its own allocation: a view at an offset would be another pointer
+    # alignment, another specialisation of every kernel reading `ends` (compiled and autotuned mid-run, as in s12c1)
+    ends, previous = (torch.empty(num_experts, dtype=torch.int64, device=order.device) for _ in range(2))
+    _route_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+        sorted_expert, order, expert, slot, token, ends, previous, rows, num_experts, top_k,
+        BLOCK=ROWS_PER_PROGRAM, BLOCK_E=triton.next_power_of_2(num_experts))
+    return expert, slot, token, ends - previous, ends
 
 
 @triton.jit(do_not_specialize=["n_tiles"])
