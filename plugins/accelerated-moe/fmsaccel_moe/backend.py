@@ -88,7 +88,7 @@ def resolve_backend(requested: str, shapes: set[ExpertShape], tokens: int) -> tu
     return best, f"auto: fwd+bwd per layer at {tokens} tokens ({shapes_text}): {detail} -> {best}"
 
 
-def warm_up_triton(shapes: set[ExpertShape]) -> list[int]:
+def warm_up_triton(shapes: set[ExpertShape], device: torch.device | None = None) -> list[int]:
     """Compile and autotune the Triton kernels before training, at token counts that reach every variant
     (``triton_kernels.warm_up_token_counts``); returns the counts run."""
     from .triton_kernels import warm_up_token_counts
@@ -96,9 +96,11 @@ def warm_up_triton(shapes: set[ExpertShape]) -> list[int]:
     counts = []
     for shape in shapes:
         for tokens in warm_up_token_counts(shape.num_experts, shape.top_k):
-            _layer_step("triton", shape, tokens)()  # the first call compiles and autotunes
+            _layer_step("triton", shape, tokens, device)()  # the first call compiles and autotunes
+            _layer_step("triton", shape, tokens, device, frozen=True)()  # LoRA elsewhere: fewer gradients
             counts.append(tokens)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return counts
 
 
@@ -115,13 +117,18 @@ def _time_backend(backend: str, shape: ExpertShape, tokens: int, repeats: int = 
     return (time.perf_counter() - start) * 1000 / repeats
 
 
-def _layer_step(backend: str, shape: ExpertShape, tokens: int):
-    """One forward+backward of one MoE layer of ``shape`` on random routing, as a callable."""
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+def _layer_step(backend: str, shape: ExpertShape, tokens: int, device: torch.device | None = None,
+                frozen: bool = False):
+    """One forward+backward of one MoE layer of ``shape`` on random routing, as a callable (``frozen``: no expert
+    weight gradients)."""
+    if device is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     gen = torch.Generator(device=device).manual_seed(0)
     e, h, i, k = shape.num_experts, shape.hidden, shape.intermediate, shape.top_k
-    gate_up = (torch.randn(e, 2 * i, h, device=device, generator=gen) * h**-0.5).to(shape.dtype).requires_grad_()
-    down = (torch.randn(e, h, i, device=device, generator=gen) * i**-0.5).to(shape.dtype).requires_grad_()
+    gate_up = (torch.randn(e, 2 * i, h, device=device, generator=gen) * h**-0.5).to(shape.dtype)
+    down = (torch.randn(e, h, i, device=device, generator=gen) * i**-0.5).to(shape.dtype)
+    gate_up.requires_grad_(not frozen)
+    down.requires_grad_(not frozen)
     x = torch.randn(tokens, h, device=device, generator=gen).to(shape.dtype).requires_grad_()
     logits = torch.randn(tokens, e, device=device, generator=gen)
     weights, index = logits.softmax(-1).topk(k, dim=-1)
