@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from fmsaccel_framework.compiling import supply_output
+
 from .rules import MoESite
 
 ATTRIBUTE = "_fmsaccel_router_logits"
@@ -52,5 +54,6 @@ def supply_router_logits(decoder: torch.nn.Module, sites: list[MoESite], config)
     for router in routers:
         router.register_forward_hook(keep)
     decoder.register_forward_hook(hand_over, with_kwargs=True)
+    supply_output("router_logits")
     return True
 

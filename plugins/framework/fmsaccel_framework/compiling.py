@@ -146,6 +146,15 @@ def warn_if_not_compiled(model: nn.Module) -> None:
     handle = model.register_forward_hook(check)
 
 
+SUPPLIED_OUTPUTS: set[str] = set()  # recorded outputs that a plugin hands over from compiled layers itself
+
+
+def supply_output(name: str) -> None:
+    """Declare that a plugin puts the recorded output ``name`` (e.g. ``router_logits``) into the model's output
+    from compiled layers itself, so asking for it does not warn."""
+    SUPPLIED_OUTPUTS.add(name)
+
+
 class _CollectorOutsideGraphs:
     """transformers' output collector, switched off inside compiled regions.
 
@@ -156,11 +165,10 @@ class _CollectorOutsideGraphs:
     layer checkpointed by transformers 5.2x the whole layer then runs eagerly. A plain global
     instead makes Dynamo guard on the length of the list being filled, a recompilation per
     layer. So inside a compiled region the hooks see no collector and record nothing; a plugin
-    that needs an output from compiled layers supplies it another way (accelerated-moe: the
-    router logits, ``fmsaccel_moe.router_logits``). Outside compiled regions nothing changes.
+    that needs an output from compiled layers supplies it another way and says so with
+    :func:`supply_output` (accelerated-moe: the router logits, ``fmsaccel_moe.router_logits``);
+    asking for any other recorded output warns once. Outside compiled regions nothing changes.
     """
-
-    SUPPLIED = frozenset({"router_logits"})  # what a plugin hands over from compiled layers
 
     def __init__(self, collector) -> None:
         self.collector = collector
@@ -172,8 +180,8 @@ class _CollectorOutsideGraphs:
         return None if torch.compiler.is_compiling() else self.collector.get()
 
     def set(self, value):
-        missing = sorted(k for k in (value or {}) if not k.startswith("_") and k not in self.SUPPLIED)
-        if missing and not self.warned:  # e.g. output_hidden_states: the compiled layers cannot record them
+        missing = sorted(k for k in (value or {}) if not k.startswith("_") and k not in SUPPLIED_OUTPUTS)
+        if missing and not self.warned:  # e.g. output_hidden_states, or MoE router logits no plugin supplies
             import logging
 
             logging.getLogger(__name__).warning(

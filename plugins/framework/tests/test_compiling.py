@@ -7,16 +7,21 @@ import logging
 import torch
 
 
-def test_output_collector_is_off_inside_compiled_regions_and_says_what_it_cannot_record(caplog):
+def test_output_collector_is_off_inside_compiled_regions_and_says_what_it_cannot_record(caplog, monkeypatch):
     """Hooks reading the collector trace without a graph break (fullgraph) and see none there; outside they see it.
-    Asking for outputs no plugin supplies from compiled layers (hidden states) warns once."""
+    Asking for outputs no plugin supplies from compiled layers warns once: hidden states, or router logits (the
+    load-balancing loss) unless a plugin declared it supplies them."""
     from transformers.utils import output_capturing
 
-    from fmsaccel_framework.compiling import _CollectorOutsideGraphs, traceable_output_capture
+    from fmsaccel_framework import compiling
+    from fmsaccel_framework.compiling import _CollectorOutsideGraphs, supply_output, traceable_output_capture
+
+    monkeypatch.setattr(compiling, "SUPPLIED_OUTPUTS", set())  # none yet, whatever other tests declared
 
     assert traceable_output_capture() and traceable_output_capture()  # idempotent
     collector = output_capturing._active_collector
     assert isinstance(collector, _CollectorOutsideGraphs)
+    collector.warned = False  # (another test in this process may have made it warn already)
 
     def hook_like(x):
         seen = output_capturing._active_collector.get()
@@ -30,11 +35,16 @@ def test_output_collector_is_off_inside_compiled_regions_and_says_what_it_cannot
         assert compiled(torch.zeros(2)).tolist() == [1.0, 1.0]  # inside: no collector
     finally:
         collector.reset(token)
+
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
-    assert not warnings()  # router logits: supplied by accelerated-moe
-    collector.warned = False  # (another test in this process may have asked for hidden states already)
+    assert [m for m in warnings() if "record no router_logits" in m] == warnings() and len(warnings()) == 1
+    caplog.clear()
+    supply_output("router_logits")  # what accelerated-moe declares when it hands them over
+    collector.warned = False
+    collector.reset(collector.set({"router_logits": []}))
+    assert not warnings()
     for _ in range(2):
         collector.reset(collector.set({"hidden_states": [], "router_logits": []}))
     assert [m for m in warnings() if "record no hidden_states" in m] == warnings() and len(warnings()) == 1
