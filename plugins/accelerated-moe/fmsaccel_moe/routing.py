@@ -66,24 +66,28 @@ class Routing:
         ``cdiv(S, block_m) + E`` tiles, an upper bound known without a host sync;
         unused tiles have expert ``-1``.
         """
-        if block_m not in self._cache and self.ends.is_cuda and KERNELS:
-            from .routing_kernels import tile_map
-
-            self._cache[block_m] = tile_map(self.ends, self.num_rows, block_m)
         if block_m not in self._cache:
-            e = self.num_experts
-            tiles_per_expert = (self.counts + block_m - 1) // block_m
-            tile_ends = tiles_per_expert.cumsum(0)
-            n_tiles = triton_cdiv(self.num_rows, block_m) + e
-            tile = torch.arange(n_tiles, device=self.expert.device)
-            tile_expert = torch.searchsorted(tile_ends, tile, right=True)
-            valid = tile_expert < e
-            owner = tile_expert.clamp(max=e - 1)
-            first_tile = (tile_ends - tiles_per_expert)[owner]
-            start = self.starts[owner] + (tile - first_tile) * block_m
-            block_expert = torch.where(valid, owner, -1).to(torch.int32)
-            self._cache[block_m] = (block_expert, start.to(torch.int32))
+            if self.ends.is_cuda and KERNELS:
+                from .routing_kernels import tile_map
+
+                self._cache[block_m] = tile_map(self.ends, self.num_rows, block_m)
+            else:
+                self._cache[block_m] = self.blocks_torch(block_m)
         return self._cache[block_m]
+
+    def blocks_torch(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`blocks` as torch ops (not cached): everywhere but CUDA, and the routing kernels' reference."""
+        e = self.num_experts
+        tiles_per_expert = (self.counts + block_m - 1) // block_m
+        tile_ends = tiles_per_expert.cumsum(0)
+        n_tiles = triton_cdiv(self.num_rows, block_m) + e
+        tile = torch.arange(n_tiles, device=self.expert.device)
+        tile_expert = torch.searchsorted(tile_ends, tile, right=True)
+        valid = tile_expert < e
+        owner = tile_expert.clamp(max=e - 1)
+        first_tile = (tile_ends - tiles_per_expert)[owner]
+        start = self.starts[owner] + (tile - first_tile) * block_m
+        return torch.where(valid, owner, -1).to(torch.int32), start.to(torch.int32)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -94,13 +98,19 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     """Group the ``[T, K]`` expert choices by expert (stable, so ties keep slot order)."""
     if top_k_index.dim() != 2:
         raise ValueError(f"top_k_index must be [tokens, top_k], got shape {tuple(top_k_index.shape)}")
-    top_k = top_k_index.size(1)
-    flat = top_k_index.reshape(-1)
-    if flat.is_cuda and KERNELS:  # the rest in one launch
+    if top_k_index.is_cuda and KERNELS:  # what follows the sort in one launch
         from .routing_kernels import route_metadata, sort_by_expert
 
-        expert, slot, token, counts, ends = route_metadata(*sort_by_expert(flat, num_experts), num_experts, top_k)
-        return Routing(expert, slot, token, counts, ends, num_experts, top_k)
+        top_k = top_k_index.size(1)
+        metadata = route_metadata(*sort_by_expert(top_k_index.reshape(-1), num_experts), num_experts, top_k)
+        return Routing(*metadata, num_experts, top_k)
+    return route_torch(top_k_index, num_experts)
+
+
+def route_torch(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+    """:func:`route` as torch ops: everywhere but CUDA, and the routing kernels' reference."""
+    top_k = top_k_index.size(1)
+    flat = top_k_index.reshape(-1)
     expert, slot = torch.sort(flat, stable=True)
     # Group ends from the sorted experts: no host sync (CUDA's bincount asks the host for the input's range,
     # a sync in every MoE layer that serialised the CPU with the GPU: s11c2), and deterministic.

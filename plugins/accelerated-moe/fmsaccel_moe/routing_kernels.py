@@ -106,18 +106,14 @@ def tile_map(ends: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Ten
 def agrees_with_torch(device: torch.device, num_experts: int, top_k: int) -> bool:
     """Whether these kernels give the torch code's routing on ``device`` (checked once before training, so a GPU or
     Triton version they do not suit falls back to torch instead of training on a wrong tile map)."""
-    from . import routing
+    from .routing import route_torch
 
     gen = torch.Generator(device=device).manual_seed(0)
     scores = torch.rand(997, num_experts, device=device, generator=gen)
     scores[:, num_experts // 2] = -1.0  # an empty group
     index = scores.topk(min(top_k, num_experts - 1), dim=-1).indices
-    saved, routing.KERNELS = routing.KERNELS, False
-    try:
-        want = routing.route(index, num_experts)
-        want_tiles = [want.blocks(block_m) for block_m in (64, 128)]
-    finally:
-        routing.KERNELS = saved
+    want = route_torch(index, num_experts)
+    want_tiles = [want.blocks_torch(block_m) for block_m in (64, 128)]
     got = route_metadata(*sort_by_expert(index.reshape(-1), num_experts), num_experts, index.size(1))
     got_tiles = [tile_map(got[4], want.num_rows, block_m) for block_m in (64, 128)]
     want_all = [want.expert, want.slot, want.token, want.counts, want.ends, *want_tiles[0], *want_tiles[1]]
