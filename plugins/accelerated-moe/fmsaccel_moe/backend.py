@@ -88,16 +88,18 @@ def resolve_backend(requested: str, shapes: set[ExpertShape], tokens: int) -> tu
     return best, f"auto: fwd+bwd per layer at {tokens} tokens ({shapes_text}): {detail} -> {best}"
 
 
-def warm_up_triton(shapes: set[ExpertShape], device: torch.device | None = None) -> list[int]:
-    """Compile and autotune the Triton kernels before training, at token counts that reach every variant
-    (``triton_kernels.warm_up_token_counts``); returns the counts run."""
+def warm_up_triton(shapes: set[ExpertShape], device: torch.device | None = None, backend: str = "triton") -> list[int]:
+    """Compile (and autotune) the Triton kernels ``backend`` launches before training, at token counts that reach
+    every variant (``triton_kernels.warm_up_token_counts``); returns the counts run. ``grouped_mm`` launches only
+    the SwiGLU row kernels on CUDA, whose variants do not depend on the token count: one count reaches them."""
     from .triton_kernels import warm_up_token_counts
 
     counts = []
     for shape in shapes:
-        for tokens in warm_up_token_counts(shape.num_experts, shape.top_k):
-            _layer_step("triton", shape, tokens, device)()  # the first call compiles and autotunes
-            _layer_step("triton", shape, tokens, device, frozen=True)()  # LoRA elsewhere: fewer gradients
+        wanted = warm_up_token_counts(shape.num_experts, shape.top_k)
+        for tokens in wanted if backend == "triton" else wanted[:1]:
+            _layer_step(backend, shape, tokens, device)()  # the first call compiles and autotunes
+            _layer_step(backend, shape, tokens, device, frozen=True)()  # LoRA elsewhere: fewer gradients
             counts.append(tokens)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

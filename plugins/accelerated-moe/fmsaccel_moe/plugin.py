@@ -96,6 +96,9 @@ class MoEPlugin(AccelerationPlugin):
             counts = warm_up_triton(shapes)
             ctx.report.note(self.name, f"Triton kernels compiled and tuned before training at {len(counts)} token "
                                        f"counts ({', '.join(map(str, counts))}): both row-tile heights, both parities")
+        elif torch.cuda.is_available():
+            warm_up_triton(shapes, backend=backend)
+            ctx.report.note(self.name, "SwiGLU runs as the Triton row kernels; compiled before training")
 
         settings = ExpertsSettings(backend=backend, shard=self.shard)
         patched = sum(patch_site(site, settings) for site in sites)

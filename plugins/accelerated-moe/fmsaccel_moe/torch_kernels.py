@@ -5,6 +5,10 @@ Rows are gathered with ``index_select`` and the per-expert GEMMs run through tor
 this torch has) when it supports the device, dtype and strides, else through a loop
 over experts. This is the ``grouped_mm`` backend on the GPU and the CPU fallback; the
 tests also use it as a second, independent implementation of the kernels' contract.
+
+SwiGLU and its gradient are elementwise: on CUDA they run as the Triton backend's fused row
+kernels (one pass, no fp32 temporaries, one launch), so this backend differs from it only in
+the GEMMs (``elementwise_in_triton``).
 """
 
 from __future__ import annotations
@@ -56,12 +60,23 @@ def _row_chunks(rows: int, width: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+def elementwise_in_triton(t: torch.Tensor) -> bool:
+    """Whether SwiGLU and its gradient on ``t`` run as the Triton row kernels: on CUDA. In torch, over row chunks,
+    they launch about ten kernels a chunk and keep fp32 temporaries of ``CHUNK_ELEMENTS`` each (s13: mixtral-shaped
+    LoRA at 1.05x plain transformers' peak, from the chunks of the gradient)."""
+    return t.is_cuda
+
+
 def swiglu_rows(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of ``[gate | up]`` rows, computed in fp32 like the kernels."""
     inter = gate_up.size(-1) // 2
     if torch.is_grad_enabled() and gate_up.requires_grad:  # autograd (LoRA on experts) records the plain ops
         gate, up = gate_up[..., :inter].float(), gate_up[..., inter:].float()
         return (F.silu(gate) * up).to(gate_up.dtype)
+    if elementwise_in_triton(gate_up):
+        from . import triton_kernels
+
+        return triton_kernels.swiglu(gate_up.reshape(-1, gate_up.size(-1))).view(*gate_up.shape[:-1], inter)
     rows = gate_up.reshape(-1, gate_up.size(-1))
     out = rows.new_empty(rows.size(0), inter)
     for start, end in _row_chunks(rows.size(0), inter):
@@ -154,7 +169,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(
     gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """See ``triton_kernels.swiglu_backward``. In fp32, over row chunks (``CHUNK_ELEMENTS``)."""
+    """See ``triton_kernels.swiglu_backward``. In fp32, over row chunks (``CHUNK_ELEMENTS``), or in Triton."""
+    if elementwise_in_triton(gate_up):
+        from . import triton_kernels
+
+        return triton_kernels.swiglu_backward(gate_up, grad, row_scale, want_h=want_h)
     rows, inter = gate_up.size(0), gate_up.size(1) // 2
     d_gate_up = gate_up.new_empty(rows, 2 * inter)
     d_scale = gate_up.new_empty(rows, dtype=torch.float32) if row_scale is not None else None

@@ -327,6 +327,50 @@ def test_torch_swiglu_and_its_gradient_hold_fp32_temporaries_of_one_row_chunk(mo
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_backend_runs_swiglu_as_the_triton_row_kernels_on_cuda(monkeypatch, dtype):
+    """On CUDA (``elementwise_in_triton``) the grouped_mm backend's SwiGLU and SwiGLU gradient are the Triton row
+    kernels: one pass, no fp32 temporaries (s13c2: mixtral LoRA 1.048x plain's peak with the torch chunks). Forced
+    here on the interpreter: the same numbers as the torch chunks, and a whole MoE layer's outputs and gradients too."""
+    rows, inter = 83, 24
+    gen = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(rows, 2 * inter, generator=gen).to(DEVICE, dtype)
+    grad = torch.randn(rows, inter, generator=gen).to(DEVICE, dtype)
+    scale = torch.rand(rows, generator=gen).to(DEVICE)
+    in_torch = (torch_kernels.swiglu(gate_up), *torch_kernels.swiglu_backward(gate_up, grad, scale, want_h=True),
+                *torch_kernels.swiglu_backward(gate_up, grad, None)[:1])
+    config = MixtralConfig(hidden_size=16, intermediate_size=inter, num_local_experts=5, num_experts_per_tok=2)
+    experts = MixtralExperts(config).to(DEVICE, dtype)
+    for weight in (experts.gate_up_proj, experts.down_proj):
+        torch.nn.init.normal_(weight, std=0.2)
+    x = torch.randn(29, 16, generator=gen).to(DEVICE, dtype)
+
+    def layer():
+        x_ = x.clone().requires_grad_()
+        weights, index = torch.randn(29, 5, generator=torch.Generator().manual_seed(4)).softmax(-1).topk(2, -1)
+        out = routed_experts(x_, index.to(DEVICE), weights.to(DEVICE, dtype), experts.gate_up_proj,
+                             experts.down_proj, backend="grouped_mm", fuse_swiglu=False)
+        out.float().square().sum().backward()
+        grads = [x_.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()]
+        experts.zero_grad()
+        return [out, *grads]
+
+    layer_in_torch = layer()
+    calls = []
+    for name in ("swiglu", "swiglu_backward"):
+        kernel = getattr(triton_kernels, name)
+        monkeypatch.setattr(triton_kernels, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    monkeypatch.setattr(torch_kernels, "elementwise_in_triton", lambda t: True)
+    in_triton = (torch_kernels.swiglu(gate_up), *torch_kernels.swiglu_backward(gate_up, grad, scale, want_h=True),
+                 *torch_kernels.swiglu_backward(gate_up, grad, None)[:1])
+    assert calls == ["swiglu", "swiglu_backward", "swiglu_backward"]
+    for got, want in zip(in_triton, in_torch, strict=True):
+        assert got.dtype == want.dtype and max_diff(got, want) <= TOL[dtype] * want.abs().max().item()
+    for got, want in zip(layer(), layer_in_torch, strict=True):
+        assert max_diff(got, want) <= 2 * TOL[dtype] * want.abs().max().item()
+    assert "swiglu_backward" in calls[3:]
+
+
 @pytest.mark.parametrize("tokens,experts,top_k,empty", [(37, 6, 2, (3,)), (40, 40, 8, (0, 39)), (5, 128, 8, ()),
                                                         (90, 5, 1, (0, 4)), (3, 8, 2, ()), (0, 6, 2, ())])
 def test_routing_kernels_equal_the_torch_routing(tokens, experts, top_k, empty):
@@ -398,13 +442,14 @@ class _LaunchSignatures:
         return launch
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_the_warm_up_meets_every_kernel_variant_a_compiled_layer_runs(monkeypatch, fuse):
+@pytest.mark.parametrize("backend,fuse", [("triton", True), ("triton", False), ("grouped_mm", False)])
+def test_the_warm_up_meets_every_kernel_variant_a_compiled_layer_runs(monkeypatch, backend, fuse):
     """Every Triton kernel variant a training step of a compiled layer launches (the custom ops, with a router that
     hands over bf16 weights, experts trainable or frozen) was already launched by the warm-up before training: the
     same constexprs, argument dtypes and pointer alignments. A variant met first in training compiles and autotunes
     mid-run (s11c6: 10.6 s; s12c1: 2.8 s, bf16 routing weights against the warm-up's fp32). Row-tile heights are
-    covered by ``warm_up_token_counts`` (the interpreter runs one height)."""
+    covered by ``warm_up_token_counts`` (the interpreter runs one height). The grouped_mm backend launches only the
+    SwiGLU row kernels, on CUDA (forced here)."""
     from fmsaccel_moe import ops
     from fmsaccel_moe.backend import ExpertShape, warm_up_triton
     from fmsaccel_moe.graph_ops import routed_experts_op
@@ -415,7 +460,8 @@ def test_the_warm_up_meets_every_kernel_variant_a_compiled_layer_runs(monkeypatc
     monkeypatch.setattr(ops, "FUSE_SWIGLU_MAX_HIDDEN", 16 if fuse else 8)  # hidden 16: fused or not
     shape = ExpertShape(num_experts=4, hidden=16, intermediate=8, top_k=2, dtype=torch.bfloat16)
     monkeypatch.setattr(triton_kernels, "TALL_TILES_FROM_ROWS_PER_EXPERT", 8)  # small warm-up counts
-    warm_up_triton({shape}, DEVICE)
+    monkeypatch.setattr(torch_kernels, "elementwise_in_triton", lambda t: True)
+    warm_up_triton({shape}, DEVICE, backend=backend)
     warmed, seen_in_training = set(seen), seen
     seen_in_training.clear()
     gen = torch.Generator().manual_seed(1)
@@ -426,7 +472,7 @@ def test_the_warm_up_meets_every_kernel_variant_a_compiled_layer_runs(monkeypatc
             x = torch.randn(tokens, 16, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
             logits = torch.randn(tokens, 4, generator=gen).to(DEVICE).requires_grad_()
             weights, index = logits.softmax(-1).topk(2, dim=-1)
-            out = routed_experts_op(x, index, weights.to(torch.bfloat16), gate_up, down, "triton",
+            out = routed_experts_op(x, index, weights.to(torch.bfloat16), gate_up, down, backend,
                                     ops.fuse_swiglu_for(down, None))
             out.float().square().sum().backward()
     assert seen_in_training and seen_in_training <= warmed, sorted(seen_in_training - warmed)
