@@ -128,6 +128,7 @@ def swiglu_down_backward(d_out, gate_up, down, *, routing: Routing, weights, bac
     # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
     g = backend.expert_mm(d_out, down, routing, gather=True, transpose_weight=True)
     d_gate_up, d_weights, scaled_h = backend.swiglu_backward(gate_up, g, weights, want_h=want_down and not fuse)
+    del g  # a [rows, intermediate] tensor, else alive beside the down weight gradient's (the backward's peak)
     d_down = None
     if want_down:
         if fuse:

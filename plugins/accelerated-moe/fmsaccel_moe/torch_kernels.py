@@ -62,7 +62,7 @@ def _row_chunks(rows: int, width: int) -> list[tuple[int, int]]:
 
 def elementwise_in_triton(t: torch.Tensor) -> bool:
     """Whether SwiGLU and its gradient on ``t`` run as the Triton row kernels: on CUDA. In torch, over row chunks,
-    they launch about ten kernels a chunk and keep fp32 temporaries of ``CHUNK_ELEMENTS`` each (s13: mixtral-shaped
+    they launch about ten kernels a chunk and keep fp32 temporaries of ``CHUNK_ELEMENTS`` each (s13c1: mixtral-shaped
     LoRA at 1.05x plain transformers' peak, from the chunks of the gradient)."""
     return t.is_cuda
 

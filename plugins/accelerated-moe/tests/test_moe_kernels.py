@@ -330,7 +330,7 @@ def test_torch_swiglu_and_its_gradient_hold_fp32_temporaries_of_one_row_chunk(mo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_mm_backend_runs_swiglu_as_the_triton_row_kernels_on_cuda(monkeypatch, dtype):
     """On CUDA (``elementwise_in_triton``) the grouped_mm backend's SwiGLU and SwiGLU gradient are the Triton row
-    kernels: one pass, no fp32 temporaries (s13c2: mixtral LoRA 1.048x plain's peak with the torch chunks). Forced
+    kernels: one pass, no fp32 temporaries (s13c1: mixtral LoRA 1.048x plain's peak with the torch chunks). Forced
     here on the interpreter: the same numbers as the torch chunks, and a whole MoE layer's outputs and gradients too."""
     rows, inter = 83, 24
     gen = torch.Generator().manual_seed(3)
@@ -369,6 +369,34 @@ def test_grouped_mm_backend_runs_swiglu_as_the_triton_row_kernels_on_cuda(monkey
     for got, want in zip(layer(), layer_in_torch, strict=True):
         assert max_diff(got, want) <= 2 * TOL[dtype] * want.abs().max().item()
     assert "swiglu_backward" in calls[3:]
+
+
+def test_the_experts_backward_frees_the_activation_gradient_before_the_down_weight_gradient(monkeypatch):
+    """The gradient of the down projection's input (``[rows, intermediate]``) is dead once the SwiGLU gradient is
+    made: freed before the down weight's gradient is computed, the backward's peak holds one such tensor fewer (the
+    alive one is about 0.2 GiB at the mixtral shape)."""
+    from fmsaccel_moe.ops import swiglu_down_backward
+
+    tokens, experts, hidden, inter, top_k = 96, 4, 8, 40, 2
+    gen = torch.Generator().manual_seed(5)
+    routing = route(_routing(tokens, experts, top_k), experts)
+    gate_up = torch.randn(tokens * top_k, 2 * inter, generator=gen).to(DEVICE)
+    down = torch.randn(experts, hidden, inter, generator=gen).to(DEVICE)
+    weights = torch.rand(tokens * top_k, generator=gen).to(DEVICE)
+    d_out = torch.randn(tokens, hidden, generator=gen).to(DEVICE)
+    live_at_down_gradient = []
+    expert_xty = torch_kernels.expert_xty
+
+    def recording_xty(*args, **kwargs):
+        live_at_down_gradient.append(tracker.now)
+        return expert_xty(*args, **kwargs)
+
+    monkeypatch.setattr(torch_kernels, "expert_xty", recording_xty)
+    with _LiveBytes(gate_up, down, weights, d_out) as tracker:
+        d_gate_up, _, d_weights = swiglu_down_backward(d_out, gate_up, down, routing=routing, weights=weights,
+                                                       backend=torch_kernels, fuse=False, want_down=True)
+    scaled_h = tokens * top_k * inter * 4
+    assert live_at_down_gradient == [d_gate_up.nbytes + d_weights.nbytes + scaled_h]
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,empty", [(37, 6, 2, (3,)), (40, 40, 8, (0, 39)), (5, 128, 8, ()),

@@ -97,6 +97,7 @@ def compile_decoder_layers(
     # backward graph anyway), and the split crashed on a float crossing two pieces (s12c3, 2 GPUs:
     # "'float' object has no attribute 'meta'"; pytorch/pytorch#196227).
     torch._dynamo.config.optimize_ddp = False
+    no_size_guards()
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     traceable_output_capture()
@@ -114,6 +115,17 @@ def compile_decoder_layers(
     for layer in layers:
         layer.compile(dynamic=True, mode=mode)
     return layers
+
+
+def no_size_guards() -> None:
+    """Turn off the Inductor heuristics that guard on a dynamic size. A guard on the token count recompiles every
+    compiled layer the first time a batch crosses it: mix-order reductions (sibling reductions of one tensor along
+    rows and columns, as trainable norm weights give) fuse only above ``4096 * tokens >= 5 * 2**20`` elements (s13c3,
+    mixtral full fine-tuning: a 13 s recompile mid-run, at the first batch of 1,280 tokens)."""
+    import torch._inductor.config as inductor
+
+    if hasattr(inductor.triton, "mix_order_reduction"):
+        inductor.triton.mix_order_reduction = False
 
 
 def compile_problems() -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 
@@ -130,3 +131,25 @@ def test_layers_compiled_under_ddp_are_not_split_at_gradient_buckets(monkeypatch
     torch.testing.assert_close(got, want)
     for p, q in zip(compiled.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_regional_compilation_turns_off_inductor_fusions_that_guard_on_the_token_count(monkeypatch):
+    """Mix-order reductions fuse only above a size: under dynamic shapes that is a guard on the token count, and every
+    compiled layer recompiles the first time a batch crosses it (s13c3: 13 s mid-run, full fine-tuning). Regional
+    compilation turns them off, so Inductor's scheduler never asks (it is GPU-only: not reproducible on the CPU)."""
+    import torch._inductor.config as inductor
+    from torch._inductor import scheduler
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fmsaccel_framework.compiling import compile_decoder_layers
+
+    if not hasattr(inductor.triton, "mix_order_reduction"):
+        pytest.skip("this torch has no mix-order reductions")
+    monkeypatch.setattr(inductor.triton, "mix_order_reduction", True)
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    assert compile_decoder_layers(model)
+    assert inductor.triton.mix_order_reduction is False
+    assert scheduler.MixOrderReduction.can_fuse(None, None) is False  # returns before looking at the nodes
