@@ -13,7 +13,8 @@
 # first; an entry RECIPE@KEY=VALUE+KEY=VALUE adds --set options, e.g.
 # moe-scattermoe-granite-ep1@plugins.training.moe.scattermoe.compile_layers=false, run as ep1-moe.compile_layers_false), PROFILE=1 (FMSACCEL_PROFILE: a
 # profile of the last two warm-up steps, copied to $OUT/RUN.profile.txt), STEPS=20, WARMUP=4, EP=1 (2-GPU runs; needs 2 GPUs), CALL_S=570 (runs that would end past it are skipped:
-# a run takes RUN_S=100 s), MODEL=NAME:SHAPE pairs to test with other shapes (e.g. "granite:tiny-granitemoe").
+# a run takes RUN_S=100 s), TORCH_LOGS (default recompiles: each run's count of mid-run recompiles is a column),
+# MODEL=NAME:SHAPE pairs to test with other shapes (e.g. "granite:tiny-granitemoe").
 set -u
 START=$(date +%s)
 OUT=${OUT:-${1:-/tmp/moe-e2e-out}}
@@ -22,6 +23,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 [ -n "${NO_SETUP:-}" ] || source benchmarks/gpu/setup_device.sh || exit 1
 STEPS=${STEPS:-20}
 [ -n "${PROFILE:-}" ] && export FMSACCEL_PROFILE=1
+export TORCH_LOGS=${TORCH_LOGS-recompiles}  # a compiled layer recompiling mid-run is a slow step: the table counts them
 WARMUP=${WARMUP:-4}
 RUNS=${RUNS:-/tmp/moe-e2e-runs-$(echo "${MODELS:-all}-${METHODS:-all}-${EP:-0}" | tr ' ' _)}  # one per selection:
 # two selections can run side by side on different GPUs, each with its own OUT:
@@ -100,6 +102,7 @@ for log in sorted(runs.glob("*.log"), key=lambda p: p.stat().st_mtime):
                   [ln for ln in lines if "Error: " in ln and "ChildFailedError" not in ln])
         rows.append({**row, "status": "failed", "error": (errors or lines or ["no output"])[-1][-200:]})
         continue
+    row["recompiles"] = sum("Recompiling function" in ln for ln in lines)
     m = json.loads(metrics.read_text())
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"run": log.stem, **m}) + "\n")
@@ -129,7 +132,7 @@ for r in rows:  # expert parallelism against data parallelism on the same 2 GPUs
         r["mem_vs_ep1x2"] = round(r["peak_mem_gib"] / ep1x2["peak_mem_gib"], 3)
 
 columns = ["run", "status", "tokens_per_s_total", "vs_plain", "peak_mem_gib", "mem_vs_plain", "final_loss", "target",
-           "vs_ep1x2", "mem_vs_ep1x2"]
+           "vs_ep1x2", "mem_vs_ep1x2", "recompiles"]
 print_table(rows, columns)
 for r in rows:
     if r["status"] != "ok":
