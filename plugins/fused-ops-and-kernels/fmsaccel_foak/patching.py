@@ -31,6 +31,7 @@ class Options:
     fast_swiglu: bool = False  # the fused MLP uses the SwiGLU kernel too
     fast_loss: bool | str = False
     fp8: bool = False  # fused LoRA's frozen base matmuls in FP8 (long sequences, FP8-capable GPUs)
+    dropout_in_kernel: bool = False  # fused LoRA's dropout drawn inside Triton kernels, no mask stored
 
 
 def _classes(modeling, names) -> tuple[type, ...]:
@@ -178,12 +179,14 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
             _lora_layer_ok(layer)
         if _fusable_group(qkv):
             forward = modules.fused_attention_forward(modeling, options.keep_weights, options.fp8,
-                                                      rule.get("sliding_window"), rule.get("head_norms", False))
+                                                      rule.get("sliding_window"), rule.get("head_norms", False),
+                                                      options.dropout_in_kernel)
             _set_fused_forward(attn, forward)
             _mark_fused(qkv)
             qkv_patched += 1
         if hasattr(attn.o_proj, "lora_A") and _fusable_group([attn.o_proj]):
-            _set_fused_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights, options.fp8))
+            _set_fused_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights, options.fp8,
+                                                                         options.dropout_in_kernel))
             _mark_fused([attn.o_proj])
             o_patched += 1
     name = "/".join(rule["attention"])
@@ -199,7 +202,8 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
             if _fusable_group(layers):
                 if options.fast_swiglu and not _is_silu(mlp.act_fn):
                     raise RuleError(f"fast_swiglu needs a SiLU MLP activation, not {type(mlp.act_fn).__name__}")
-                forward = modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu, options.fp8)
+                forward = modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu, options.fp8,
+                                                    options.dropout_in_kernel)
                 _set_fused_forward(mlp, forward)
                 _mark_fused(layers)
                 patched += 1

@@ -49,6 +49,9 @@ class FusedOpsPlugin(AccelerationPlugin):
         if self.keys["fp8_matmul"] and not self.keys["fused_lora"]:
             raise PluginError(f"plugins.{active[0]}.fp8_matmul runs the fused LoRA op's base matmuls in FP8: it "
                               "needs fused_lora: true")
+        if self.keys["dropout_in_kernel"] and not self.keys["fused_lora"]:
+            raise PluginError(f"plugins.{active[0]}.dropout_in_kernel draws the fused LoRA op's dropout in its "
+                              "kernels: it needs fused_lora: true")
         if self.keys["cuda_graphs"] and not self.keys["compile_layers"]:
             raise PluginError(f"plugins.{active[0]}.cuda_graphs replays the compiled decoder: it needs "
                               "compile_layers: true or model")
@@ -81,9 +84,12 @@ class FusedOpsPlugin(AccelerationPlugin):
         # 8B); FSDP runs are there for memory, so they dequantise again instead
         options = Options(keep_weights=bool(ctx.args.get("gradient_checkpointing")) and not ctx.fsdp,
                           fast_swiglu=bool(self.keys["fast_swiglu"]), fast_loss=self.keys["fast_loss"],
-                          fp8=bool(self.keys["fp8_matmul"]))
+                          fp8=bool(self.keys["fp8_matmul"]), dropout_in_kernel=bool(self.keys["dropout_in_kernel"]))
         if options.fp8:
             self._note_fp8(ctx)
+        if options.dropout_in_kernel:
+            ctx.report.note(self.name, "dropout_in_kernel: LoRA dropout drawn inside the fused op's Triton kernels "
+                                       "(a seed per projection, no mask kept; not PEFT's random stream)")
         for kernel in self.requested:
             try:
                 lines = apply_rule(base, rules, kernel, options)

@@ -15,6 +15,9 @@ _KEYS = {
     "fast_swiglu": ConfigKey(bool, default=False, help="Triton SwiGLU in the MLP"),
     "fp8_matmul": ConfigKey(bool, default=False,
                             help="fused LoRA: frozen base matmuls in FP8 e4m3 (row-wise scales) at 4096+ tokens"),
+    "dropout_in_kernel": ConfigKey(bool, default=False,
+                                   help="fused LoRA: dropout drawn inside Triton kernels from a per-projection seed "
+                                        "(no mask stored, fewer memory passes); not PEFT's random stream"),
     "compile_layers": ConfigKey((bool, str), default=False, choices=(True, False, "model"),
                                 help="torch.compile each decoder layer (one graph, dynamic lengths): far fewer "
                                      "kernel launches and less Python per step; compiles on the first step; "

@@ -133,3 +133,24 @@ def train_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss = model(**batch, use_cache=False).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class KernelMaskDropout(nn.Dropout):
+    """PEFT's LoRA dropout with the masks foak's ``dropout_in_kernel`` draws: one seed per call from the same
+    generator, in the same order, expanded by ``lora_dropout.keep_mask``."""
+
+    def forward(self, x):
+        from fmsaccel_foak.ops import lora_dropout
+
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = lora_dropout.keep_mask(lora_dropout.draw_seed(x.device), tuple(x2.shape), self.p, x.dtype, x.device)
+        return x * mask.view_as(x) / (1.0 - self.p)
+
+
+def use_kernel_masks(model: nn.Module) -> None:
+    """Swap every PEFT LoRA dropout of ``model`` for :class:`KernelMaskDropout`."""
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            for name, dropout in module.lora_dropout.items():
+                if isinstance(dropout, nn.Dropout) and dropout.p:
+                    module.lora_dropout[name] = KernelMaskDropout(dropout.p)

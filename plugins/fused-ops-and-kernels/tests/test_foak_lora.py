@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from foak_testing import DEVICE, QUANTIZE
+from foak_testing import DEVICE, QUANTIZE, KernelMaskDropout
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fmsaccel_foak.ops import fused_lora
+from fmsaccel_foak.ops import fused_lora, lora_dropout
 from fmsaccel_foak.ops.lora import dropout_mask
 
 
@@ -30,7 +30,7 @@ class _SameMaskDropout(nn.Dropout):
         return x * mask / (1.0 - self.p)
 
 
-def _peft_block(base_layer, dropout, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+def _peft_block(base_layer, dropout, targets=("q_proj", "k_proj", "v_proj", "o_proj"), in_kernel=False):
     torch.manual_seed(0)
     block = Block().to(DEVICE)
     convert = QUANTIZE[base_layer]
@@ -41,14 +41,14 @@ def _peft_block(base_layer, dropout, targets=("q_proj", "k_proj", "v_proj", "o_p
     if dropout:  # PEFT's dropout, drawing its masks exactly as the fused op does (same RNG calls, same order)
         for module in model.modules():
             if hasattr(module, "lora_dropout"):
-                module.lora_dropout["default"] = _SameMaskDropout(dropout)
+                module.lora_dropout["default"] = (KernelMaskDropout if in_kernel else _SameMaskDropout)(dropout)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; a random B tests the full backward
             nn.init.normal_(p, std=0.1)
     return model.train()
 
 
-def _run(model, fused: bool, keep_weights: bool = False):
+def _run(model, fused: bool, keep_weights: bool = False, in_kernel: bool = False):
     inner = model.base_model.model
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 64, generator=g).to(DEVICE).requires_grad_()
@@ -57,8 +57,8 @@ def _run(model, fused: bool, keep_weights: bool = False):
     model.zero_grad()
     torch.manual_seed(7)  # same dropout masks on both paths (see _SameMaskDropout)
     if fused:
-        q, k, v = fused_lora(x, [inner.q_proj, inner.k_proj, inner.v_proj], keep_weights)
-        (o,) = fused_lora(h, [inner.o_proj], keep_weights)
+        q, k, v = fused_lora(x, [inner.q_proj, inner.k_proj, inner.v_proj], keep_weights, dropout_in_kernel=in_kernel)
+        (o,) = fused_lora(h, [inner.o_proj], keep_weights, dropout_in_kernel=in_kernel)
     else:
         q, k, v, o = inner(x, h)
     sum((t * s).sum() for t, s in zip((q, k, v, o), seeds, strict=True)).backward()
@@ -113,3 +113,97 @@ def test_fused_lora_rejects_a_trainable_base():
     block = Block().to(DEVICE)
     with pytest.raises(ValueError, match="frozen base layer"):
         fused_lora(torch.randn(1, 64, device=DEVICE), [block.q_proj])
+
+
+@pytest.mark.parametrize("base_layer", ["bitsandbytes", None])
+def test_dropout_drawn_in_kernel_matches_peft_with_the_kernels_masks(base_layer):
+    """``dropout_in_kernel``: the rank-r matmuls draw the mask from a per-projection seed and keep none; with PEFT's
+    dropout given the same masks (``keep_mask``), outputs and every gradient agree."""
+    model = _peft_block(base_layer, 0.25, in_kernel=True)
+    want_out, want_dx, want_dh, want_grads = _run(model, fused=False)
+    got_out, got_dx, got_dh, got_grads = _run(model, fused=True, in_kernel=True)
+    for got, want in zip([*got_out, got_dx, got_dh], [*want_out, want_dx, want_dh], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(got_grads) == 8
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_dropout_drawn_in_kernel_keeps_no_mask_and_replays_under_checkpointing():
+    """The op saves a seed, not an input-sized mask, and checkpoint recompute (which restores the RNG) draws the same
+    masks: the same gradients with and without checkpointing."""
+    model = _peft_block(None, 0.25)
+    inner = model.base_model.model
+    layers = [inner.q_proj, inner.k_proj, inner.v_proj]
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def loss(x, in_kernel=True):
+        return sum(t.square().sum() for t in fused_lora(x, layers, dropout_in_kernel=in_kernel))
+
+    def input_sized_saved(in_kernel):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            torch.manual_seed(5)
+            loss(x.clone().requires_grad_(), in_kernel)
+        return sum(tuple(t.shape) == (21, 64) for t in saved)
+
+    assert input_sized_saved(in_kernel=False) == 4  # x and a mask per projection
+    assert input_sized_saved(in_kernel=True) == 1  # x alone
+    grads = []
+    for checkpointed in (False, True):
+        model.zero_grad()
+        torch.manual_seed(5)
+        x_ = x.clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(loss, x_, use_reentrant=False) if checkpointed else loss(x_)
+        out.backward()
+        grads.append([x_.grad, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    assert len(grads[0]) == 7  # x and q/k/v's A and B
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols,rank,p", [(37, 45, 8, 0.1), (16, 64, 20, 0.5), (5, 33, 4, 0.25)])
+def test_dropout_kernels_match_torch_with_the_same_mask(dtype, rows, cols, rank, p):
+    """Each kernel against plain torch given the mask ``keep_mask`` materialises (odd sizes, ranks below and above
+    16): ``(x * keep) @ A^T``, ``dxa^T @ (x * keep)`` and ``dx += (dxa @ A) * keep``."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
+    a = torch.randn(rank, cols, generator=gen).to(DEVICE, dtype)
+    dxa = torch.randn(rows, rank, generator=gen).to(DEVICE, dtype)
+    dx = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
+    seed = torch.tensor([12345], device=DEVICE)
+    keep = lora_dropout.keep_mask(seed, (rows, cols), p, torch.float32, DEVICE)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    dropped = x.float() * keep
+    torch.testing.assert_close(lora_dropout.dropped_down(x, a, seed, p).float(), dropped @ a.float().t(), **tol)
+    torch.testing.assert_close(lora_dropout.dropped_weight_grad(dxa, x, seed, p), dxa.float().t() @ dropped, **tol)
+    want = dx.float() + (dxa.float() @ a.float()) * keep
+    lora_dropout.add_dropped_input_grad(dx, dxa, a, seed, p)
+    torch.testing.assert_close(dx.float(), want, **tol)
+
+
+def test_the_kernels_keep_mask_is_a_seeded_bernoulli_draw():
+    """About ``1 - p`` of the elements are kept, the same seed draws the same mask, another seed another one."""
+    seed, other = torch.tensor([7], device=DEVICE), torch.tensor([8], device=DEVICE)
+    keep = lora_dropout.keep_mask(seed, (64, 100), 0.3, torch.float32, DEVICE)
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert abs(keep.mean().item() - 0.7) < 0.03
+    assert torch.equal(keep, lora_dropout.keep_mask(seed, (64, 100), 0.3, torch.float32, DEVICE))
+    assert not torch.equal(keep, lora_dropout.keep_mask(other, (64, 100), 0.3, torch.float32, DEVICE))
+
+
+def test_dropout_in_kernel_is_a_fused_lora_option_and_says_so():
+    """The key needs ``fused_lora`` (a clear error otherwise), and the run's report says the masks are drawn in the
+    kernels and are not PEFT's stream."""
+    from foak_testing import build_plugin, tiny_model
+
+    from fmsaccel_framework.plugin import PluginError, TrainContext
+
+    path = "peft.quantization.fused_ops_and_kernels"
+    with pytest.raises(PluginError, match="dropout_in_kernel .* needs fused_lora: true"):
+        build_plugin(path, dropout_in_kernel=True, fast_rms_layernorm=True)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    ctx = TrainContext(args={})
+    build_plugin(path, fused_lora=True, dropout_in_kernel=True).augment(model, ctx)
+    assert any("dropout_in_kernel" in note and "not PEFT's random stream" in note for _, note in ctx.report.notes)

@@ -1,0 +1,184 @@
+"""LoRA's dropout drawn inside the rank-r matmuls, from a counter-based RNG: no mask is stored.
+
+Element ``(m, k)`` of the ``[M, K]`` input is kept when ``tl.rand(seed, m * K + k) >= p``
+(Philox: the same draw for the same seed and index, on any launch). So the forward's
+``(x * keep) @ A^T`` and the backward's ``dA = dxa^T @ (x * keep)`` and
+``dx += (dxa @ A) * keep`` regenerate the mask where they read ``x`` or write ``dx``.
+Against the torch path of :mod:`.lora` (a ``bernoulli_`` mask kept per projection, then
+``x * mask`` before each small matmul and ``* mask`` after one in the backward) this saves
+the mask's memory (one input-sized tensor per projection and layer) and four of the
+memory passes over input-sized tensors per projection.
+
+Each projection draws its own int64 seed from torch's generator in the forward
+(``draw_seed``), so checkpoint recompute, which restores the RNG state, replays the same
+masks. The ``1 / (1 - p)`` rescale stays folded into the LoRA scaling, as in :mod:`.lora`.
+The stream is not PEFT's (nor the torch path's). :func:`keep_mask` materialises the mask
+the kernels draw, for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fmsaccel_framework.triton_utils import is_interpreted
+
+from ..runtime import can_launch
+
+MAX_ELEMENTS = 2**31 - 1  # element indices are int32 Philox counters
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    if DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b.to(a.dtype), acc)
+    return acc
+
+
+@triton.jit
+def _keep(seed, rows, cols, n_cols, p):
+    return tl.rand(seed, (rows[:, None] * n_cols + cols[None, :]).to(tl.int32)) >= p
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _keep_mask_kernel(OUT, SEED, n_rows, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    keep = _keep(tl.load(SEED), rows, cols, n_cols, p)
+    tl.store(OUT + rows[:, None] * n_cols + cols[None, :], keep.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride_a, stride_o, p,
+                         R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``OUT[m, :rank] = sum_k x[m, k] * keep(m, k) * A[:rank, k]`` (fp32 accumulation)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R)
+    seed = tl.load(SEED)
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
+        x = tl.where(_keep(seed, rows, cols, n_cols, p), x, 0.0)
+        a_inside = (cols < n_cols)[:, None] & (ranks < rank)[None, :]
+        a = tl.load(A + ranks[None, :] * stride_a + cols[:, None], mask=a_inside, other=0.0)
+        acc = _dot(x, a, acc, DOT_FP32)
+    out = OUT + rows[:, None].to(tl.int64) * stride_o + ranks[None, :]
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :])
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, stride_dxa, stride_x, stride_da, p,
+                                R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                DOT_FP32: tl.constexpr):
+    """``DA[:rank, k] = sum_m dxa[m, :rank] * x[m, k] * keep(m, k)`` for one block of columns (fp32)."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, R)
+    seed = tl.load(SEED)
+    acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, n_rows, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
+        x = tl.where(_keep(seed, rows, cols, n_cols, p), x, 0.0)
+        dxa = tl.load(DXA + rows[:, None].to(tl.int64) * stride_dxa + ranks[None, :],
+                      mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :], other=0.0)
+        acc = _dot(tl.trans(dxa.to(x.dtype)), x, acc, DOT_FP32)
+    out = DA + ranks[:, None] * stride_da + cols[None, :]
+    tl.store(out, acc, mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dxa, stride_a, stride_dx, p,
+                               R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                               DOT_FP32: tl.constexpr):
+    """``DX[m, k] += keep(m, k) * sum_r dxa[m, r] * A[r, k]``, in place."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, R)
+    dxa = tl.load(DXA + rows[:, None].to(tl.int64) * stride_dxa + ranks[None, :],
+                  mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :], other=0.0)
+    a = tl.load(A + ranks[:, None] * stride_a + cols[None, :], mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :],
+                other=0.0)
+    part = _dot(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
+    part = tl.where(_keep(tl.load(SEED), rows, cols, n_cols, p), part, 0.0)
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    dx = DX + rows[:, None].to(tl.int64) * stride_dx + cols[None, :]
+    total = tl.load(dx, mask=inside, other=0.0).to(tl.float32) + part
+    tl.store(dx, total.to(DX.dtype.element_ty), mask=inside)
+
+
+def applies(x2: torch.Tensor, rank: int) -> bool:
+    """Whether the kernels can run here: a device they launch on, indices within int32, a rank tl.dot takes."""
+    return (x2.numel() <= MAX_ELEMENTS and rank <= 128 and x2.stride(-1) == 1
+            and can_launch(_dropped_down_kernel, x2))
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """One projection's seed, from torch's generator on ``device`` (replayed by checkpoint recompute)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _rank_block(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _blocks(x2: torch.Tensor, columns: int = 64) -> tuple[int, int]:
+    if x2.is_cuda:
+        return 64, columns
+    return 32, 64  # the interpreter: few programs (each costs milliseconds of Python)
+
+
+def _dot_fp32(t: torch.Tensor) -> bool:
+    """Multiply in exact fp32: for fp32 inputs (cuBLAS's default, no TF32), and always in the interpreter, whose
+    ``tl.dot`` mishandles bf16 operands."""
+    return t.dtype == torch.float32 or is_interpreted(_dropped_down_kernel)
+
+
+def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """The 0/1 mask the kernels draw for ``seed`` over an ``[M, K]`` input (tests and references)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    block_m, block_k = _blocks(out)
+    grid = (triton.cdiv(shape[0], block_m), triton.cdiv(shape[1], block_k))
+    _keep_mask_kernel[grid](out, seed, shape[0], shape[1], p, BLOCK_M=block_m, BLOCK_K=block_k)
+    return out
+
+
+def dropped_down(x2: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``(x2 * keep) @ a^T``: ``[M, K] x [r, K] -> [M, r]`` in ``x2``'s dtype."""
+    rows, cols = x2.shape
+    rank = a.shape[0]
+    out = x2.new_empty(rows, rank)
+    block_m, block_k = _blocks(x2)
+    _dropped_down_kernel[(triton.cdiv(rows, block_m),)](
+        x2, a, out, seed, rows, cols, rank, x2.stride(0), a.stride(0), out.stride(0), p,
+        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2))
+    return out
+
+
+def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``dxa^T @ (x2 * keep)``: ``[M, r], [M, K] -> [r, K]`` in fp32."""
+    rows, cols = x2.shape
+    rank = dxa.shape[1]
+    out = torch.empty(rank, cols, dtype=torch.float32, device=x2.device)
+    block_m, block_k = _blocks(x2, columns=32)  # one program per column block: more of them
+    _dropped_weight_grad_kernel[(triton.cdiv(cols, block_k),)](
+        dxa, x2, out, seed, rows, cols, rank, dxa.stride(0), x2.stride(0), out.stride(0), p,
+        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2))
+    return out
+
+
+def add_dropped_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> None:
+    """``dx += (dxa @ a) * keep`` in place: ``[M, K] += [M, r] x [r, K]``."""
+    rows, cols = dx.shape
+    rank = a.shape[0]
+    block_m, block_k = _blocks(dx)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
+    _dropped_input_grad_kernel[grid](
+        dxa, a, dx, seed, rows, cols, rank, dxa.stride(0), a.stride(0), dx.stride(0), p,
+        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(dx))
