@@ -91,7 +91,7 @@ def enable_selective_checkpointing(backbone: nn.Module) -> None:
     backbone.register_forward_pre_hook(pre_hook)
 
 
-def saved_bytes_per_token(config) -> int:
+def saved_bytes_per_token(config, dropout_masks: bool = True) -> int:
     """Bytes one decoder layer keeps for its backward, per token, when it is not checkpointed (an upper estimate).
 
     Calibrated on a Llama layer with foak's kernels and LoRA (dropout) on q/k/v/o, which keeps
@@ -99,7 +99,9 @@ def saved_bytes_per_token(config) -> int:
     attention output), k and v before the repeat, and the MLP's gate and up (times the
     experts a token visits). The estimate adds two hidden-size and one intermediate-size
     tensor of margin for what Inductor and the GPU attention kernels keep differently; the
-    tests hold it between 1 and 1.5 times what the patched layer saves.
+    tests hold it between 1 and 1.5 times what the patched layer saves. Without
+    ``dropout_masks`` (``dropout_in_kernel``), q/k/v and o keep no dropout mask: four
+    hidden-size tensors fewer.
     """
     hidden = config.hidden_size
     heads = config.num_attention_heads
@@ -110,7 +112,8 @@ def saved_bytes_per_token(config) -> int:
     intermediate += getattr(config, "shared_expert_intermediate_size", None) or 0
     element = 2  # bf16/fp16 activations; an fp32 model gets half the layers it could afford, never more
     per_head = 4 + 4  # fp32 log-sum-exp of the attention, slack
-    return element * (11 * hidden + 2 * kv_width + 3 * intermediate) + per_head * heads + 4 * head_dim + 256
+    hidden_sized = 11 if dropout_masks else 7
+    return element * (hidden_sized * hidden + 2 * kv_width + 3 * intermediate) + per_head * heads + 4 * head_dim + 256
 
 
 def layers_to_keep(n_layers: int, tokens: int, budget_bytes: int, bytes_per_token: int) -> int:

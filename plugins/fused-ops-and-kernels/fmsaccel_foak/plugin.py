@@ -158,7 +158,7 @@ class FusedOpsPlugin(AccelerationPlugin):
         layers = decoder_layers(base)
         if not layers:
             raise PluginError(f"activation_budget_gib: {type(base).__name__} has no checkpointable decoder layers")
-        per_token = saved_bytes_per_token(base.config)
+        per_token = saved_bytes_per_token(base.config, dropout_masks=not self.keys["dropout_in_kernel"])
         budget_bytes = int(budget * 2**30)
         example = ", ".join(f"{layers_to_keep(len(layers), n, budget_bytes, per_token)} at {n:,}"
                             for n in (512, 2048, 8192))

@@ -91,14 +91,17 @@ def test_evaluation_and_disabled_checkpointing_are_left_alone():
     assert not any(layer.gradient_checkpointing for layer in _layers(model))
 
 
-def test_estimate_bounds_what_a_patched_layer_saves():
-    """The per-token estimate is at least what an unchecked layer keeps for its backward, and not far above it."""
+@pytest.mark.parametrize("dropout_in_kernel", [False, True])
+def test_estimate_bounds_what_a_patched_layer_saves(dropout_in_kernel):
+    """The per-token estimate is at least what an unchecked layer keeps for its backward, and not far above it
+    (with ``dropout_in_kernel`` the layer keeps no dropout masks, and the estimate counts none)."""
     shape = dict(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=2)
     lengths = (40, 24)
     tokens = sum(lengths)
 
     def saved(layers: int) -> int:
-        model, _ = _model(layers, torch.bfloat16, checkpointing=False, shape=shape)
+        model, _ = _model(layers, torch.bfloat16, checkpointing=False, shape=shape,
+                          dropout_in_kernel=dropout_in_kernel)
         params = {p.data_ptr() for p in model.parameters()}
         storages: dict[int, int] = {}
 
@@ -113,8 +116,9 @@ def test_estimate_bounds_what_a_patched_layer_saves():
         return sum(storages.values())
 
     measured = (saved(3) - saved(1)) / 2 / tokens
-    estimate = saved_bytes_per_token(tiny_model("llama", **shape).config)
-    assert measured <= estimate <= 1.5 * measured, (measured, estimate)
+    estimate = saved_bytes_per_token(tiny_model("llama", **shape).config, dropout_masks=not dropout_in_kernel)
+    above = 1.6 if dropout_in_kernel else 1.5  # the margin is a fixed few tensors: more against a layer keeping less
+    assert measured <= estimate <= above * measured, (measured, estimate)
 
 
 def test_budget_must_be_positive():
