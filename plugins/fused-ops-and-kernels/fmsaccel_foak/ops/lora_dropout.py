@@ -115,7 +115,7 @@ def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dx
 
 def applies(x2: torch.Tensor, rank: int) -> bool:
     """Whether the kernels can run here: a device they launch on, indices within int32, a rank tl.dot takes."""
-    return (x2.numel() <= MAX_ELEMENTS and rank <= 128 and x2.stride(-1) == 1
+    return (0 < x2.numel() <= MAX_ELEMENTS and rank <= 128 and x2.stride(-1) == 1
             and can_launch(_dropped_down_kernel, x2))
 
 
