@@ -43,6 +43,21 @@ def _keep(seed, rows, cols, n_cols, p):
     return tl.rand(seed, (rows[:, None] * n_cols + cols[None, :]).to(tl.int32)) >= p
 
 
+@triton.jit
+def _dropped_tile(X, seed, rows, cols, n_rows, n_cols, stride_x, p):
+    """The ``[rows, cols]`` tile of ``x * keep`` (zeros outside the matrix)."""
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
+    return tl.where(_keep(seed, rows, cols, n_cols, p), x, 0.0)
+
+
+@triton.jit
+def _rows_by_rank(T, rows, ranks, n_rows, rank, stride):
+    """The ``[rows, :R]`` tile of a ``[M, rank]`` matrix (zeros past ``rank``)."""
+    return tl.load(T + rows[:, None].to(tl.int64) * stride + ranks[None, :],
+                   mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _keep_mask_kernel(OUT, SEED, n_rows, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,9 +77,7 @@ def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, n_cols, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(_keep(seed, rows, cols, n_cols, p), x, 0.0)
+        x = _dropped_tile(X, seed, rows, cols, n_rows, n_cols, stride_x, p)
         a_inside = (cols < n_cols)[:, None] & (ranks < rank)[None, :]
         a = tl.load(A + ranks[None, :] * stride_a + cols[:, None], mask=a_inside, other=0.0)
         acc = _dot(x, a, acc, DOT_FP32)
@@ -83,11 +96,8 @@ def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, stride_d
     acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, n_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(_keep(seed, rows, cols, n_cols, p), x, 0.0)
-        dxa = tl.load(DXA + rows[:, None].to(tl.int64) * stride_dxa + ranks[None, :],
-                      mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :], other=0.0)
+        x = _dropped_tile(X, seed, rows, cols, n_rows, n_cols, stride_x, p)
+        dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
         acc = _dot(tl.trans(dxa.to(x.dtype)), x, acc, DOT_FP32)
     out = DA + ranks[:, None] * stride_da + cols[None, :]
     tl.store(out, acc, mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :])
@@ -101,8 +111,7 @@ def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dx
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, R)
-    dxa = tl.load(DXA + rows[:, None].to(tl.int64) * stride_dxa + ranks[None, :],
-                  mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :], other=0.0)
+    dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
     a = tl.load(A + ranks[:, None] * stride_a + cols[None, :], mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :],
                 other=0.0)
     part = _dot(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
