@@ -45,19 +45,23 @@ def fusable(layer: nn.Module) -> bool:
     return (not layer.disable_adapters and not layer.merged and len(active) == 1 and active[0] in layer.lora_A)
 
 
-def fused_linear_forward(keep_weights: bool, fp8: bool = False, dropout_in_kernel: bool = False) -> Callable:
-    """Forward of one LoRA layer through the fused op (PEFT's own forward when it is not in a fusable state)."""
+def fused_linear_forward(keep_weights: bool, **op_options) -> Callable:
+    """Forward of one LoRA layer through the fused op (PEFT's own forward when it is not in a fusable state).
+
+    ``op_options``: :func:`fmsaccel_foak.ops.fused_lora`'s keyword options (``fp8``, ``dropout_in_kernel``), as
+    for the attention and MLP forwards below.
+    """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not fusable(self):
             return type(self).forward(self, x, *args, **kwargs)
-        return ops.fused_lora(x, [self], keep_weights and self._foak_keep_weights, fp8, dropout_in_kernel)[0]
+        return ops.fused_lora(x, [self], keep_weights and self._foak_keep_weights, **op_options)[0]
 
     return forward
 
 
-def fused_attention_forward(modeling, keep_weights: bool, fp8: bool = False, sliding_window: str | None = None,
-                            head_norms: bool = False, dropout_in_kernel: bool = False) -> Callable:
+def fused_attention_forward(modeling, keep_weights: bool, sliding_window: str | None = None, head_norms: bool = False,
+                            **op_options) -> Callable:
     """Rotary self-attention forward (Llama family) with q, k and v from one fused op over the shared input.
 
     Written out per architecture family rather than wrapping the original forward, so
@@ -80,8 +84,8 @@ def fused_attention_forward(modeling, keep_weights: bool, fp8: bool = False, sli
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         keep = keep_weights and self._foak_keep_weights
-        fused = ops.fused_lora(hidden_states, projections, keep, fp8, dropout_in_kernel)
-        query, key, value = (t.view(hidden_shape) for t in fused)
+        query, key, value = (t.view(hidden_shape) for t in ops.fused_lora(hidden_states, projections, keep,
+                                                                          **op_options))
         if head_norms:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -110,8 +114,7 @@ def swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, fp8: bool = False,
-                      dropout_in_kernel: bool = False) -> Callable:
+def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Callable:
     """Gated MLP with gate/up in one fused op and down in another.
 
     The down projection never keeps its dequantised weight: under checkpointing that
@@ -123,9 +126,9 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, fp8: bool = False,
         layers = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(fusable(p) for p in layers):
             return type(self).forward(self, x)
-        gate, up = ops.fused_lora(x, layers[:2], keep_weights and self._foak_keep_weights, fp8, dropout_in_kernel)
+        gate, up = ops.fused_lora(x, layers[:2], keep_weights and self._foak_keep_weights, **op_options)
         hidden = ops.swiglu(gate, up) if fast_swiglu else self.act_fn(gate) * up
-        return ops.fused_lora(hidden, layers[2:], keep_weights=False, fp8=fp8, dropout_in_kernel=dropout_in_kernel)[0]
+        return ops.fused_lora(hidden, layers[2:], keep_weights=False, **op_options)[0]
 
     return forward
 

@@ -33,6 +33,10 @@ class Options:
     fp8: bool = False  # fused LoRA's frozen base matmuls in FP8 (long sequences, FP8-capable GPUs)
     dropout_in_kernel: bool = False  # fused LoRA's dropout drawn inside Triton kernels, no mask stored
 
+    def lora_op_options(self) -> dict:
+        """The fused LoRA op's keyword options (``ops.fused_lora``) these options set."""
+        return {"fp8": self.fp8, "dropout_in_kernel": self.dropout_in_kernel}
+
 
 def _classes(modeling, names) -> tuple[type, ...]:
     found = []
@@ -178,15 +182,14 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
         for layer in (*qkv, attn.o_proj):
             _lora_layer_ok(layer)
         if _fusable_group(qkv):
-            forward = modules.fused_attention_forward(modeling, options.keep_weights, options.fp8,
-                                                      rule.get("sliding_window"), rule.get("head_norms", False),
-                                                      options.dropout_in_kernel)
+            forward = modules.fused_attention_forward(modeling, options.keep_weights, rule.get("sliding_window"),
+                                                      rule.get("head_norms", False), **options.lora_op_options())
             _set_fused_forward(attn, forward)
             _mark_fused(qkv)
             qkv_patched += 1
         if hasattr(attn.o_proj, "lora_A") and _fusable_group([attn.o_proj]):
-            _set_fused_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights, options.fp8,
-                                                                         options.dropout_in_kernel))
+            _set_fused_forward(attn.o_proj, modules.fused_linear_forward(options.keep_weights,
+                                                                         **options.lora_op_options()))
             _mark_fused([attn.o_proj])
             o_patched += 1
     name = "/".join(rule["attention"])
@@ -202,8 +205,8 @@ def _apply_fused_lora(model, modeling, rule, options: Options) -> list[tuple[str
             if _fusable_group(layers):
                 if options.fast_swiglu and not _is_silu(mlp.act_fn):
                     raise RuleError(f"fast_swiglu needs a SiLU MLP activation, not {type(mlp.act_fn).__name__}")
-                forward = modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu, options.fp8,
-                                                    options.dropout_in_kernel)
+                forward = modules.fused_mlp_forward(options.keep_weights, options.fast_swiglu,
+                                                    **options.lora_op_options())
                 _set_fused_forward(mlp, forward)
                 _mark_fused(layers)
                 patched += 1

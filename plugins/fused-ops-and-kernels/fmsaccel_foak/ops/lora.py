@@ -105,7 +105,7 @@ class _FusedLoRA(torch.autograd.Function):
                 products.append(xa)
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.projections, ctx.dtype, ctx.x_dtype = projections, dtype, x.dtype
-        ctx.n_masks, ctx.in_kernel = len(masks), in_kernel
+        ctx.in_kernel = in_kernel
         has_lora = any(p.has_lora for p in projections)
         ctx.save_for_backward(x2 if has_lora else None, *lora_weights, *masks, *products, *kept)
         return tuple(outputs)

@@ -143,10 +143,15 @@ def _blocks(x2: torch.Tensor, columns: int = 64) -> tuple[int, int]:
     return 32, 64  # the interpreter: few programs (each costs milliseconds of Python)
 
 
+# Triton picks the interpreter when a kernel is decorated, so this is known at import; a constant, not a check at
+# each launch, so that torch.compile (compiled layers) does not trace into the kernel object
+_INTERPRETING = is_interpreted(_dropped_down_kernel)
+
+
 def _dot_fp32(t: torch.Tensor) -> bool:
     """Multiply in exact fp32: for fp32 inputs (cuBLAS's default, no TF32), and always in the interpreter, whose
     ``tl.dot`` mishandles bf16 operands."""
-    return t.dtype == torch.float32 or is_interpreted(_dropped_down_kernel)
+    return t.dtype == torch.float32 or _INTERPRETING
 
 
 def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch.dtype, device) -> torch.Tensor:
