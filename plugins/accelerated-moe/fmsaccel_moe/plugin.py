@@ -92,13 +92,12 @@ class MoEPlugin(AccelerationPlugin):
         ctx.report.note(self.name, f"experts GEMM backend: {why}"
                         + (f" ({tokens} tokens: {source})" if why.startswith("auto") else ""))
         ctx.extras["moe_backend"] = backend
-        if backend == "triton" and torch.cuda.is_available():
-            counts = warm_up_triton(shapes)
-            ctx.report.note(self.name, f"Triton kernels compiled and tuned before training at {len(counts)} token "
-                                       f"counts ({', '.join(map(str, counts))}): both row-tile heights, both parities")
-        elif torch.cuda.is_available():
-            warm_up_triton(shapes, backend=backend)
-            ctx.report.note(self.name, "SwiGLU runs as the Triton row kernels; compiled before training")
+        if torch.cuda.is_available():
+            counts = warm_up_triton(shapes, backend=backend)
+            warmed = (f"Triton kernels compiled and tuned before training at {len(counts)} token counts "
+                      f"({', '.join(map(str, counts))}): both row-tile heights, both parities" if backend == "triton"
+                      else "SwiGLU runs as the Triton row kernels; compiled before training")
+            ctx.report.note(self.name, warmed)
 
         settings = ExpertsSettings(backend=backend, shard=self.shard)
         patched = sum(patch_site(site, settings) for site in sites)

@@ -48,10 +48,10 @@ def _rows(a: torch.Tensor, routing: Routing, gather: bool) -> torch.Tensor:
     return a.index_select(0, routing.token.long()) if gather else a
 
 
-# fp32 temporaries of at most 64 MiB each: SwiGLU and its gradient run over row chunks of this many elements. At
-# the mixtral-8x7b shape a padded R batch has 16k expert rows of 14,336: done whole, the fp32 temporaries of the
-# gradient alone came to ~20 rows-by-intermediate bf16 tensors (~9 GB), and `auto` runs this backend there (s12c3:
-# LoRA at 1.37x plain transformers' memory).
+# fp32 temporaries of at most 64 MiB each: where SwiGLU and its gradient run in torch (not `elementwise_in_triton`:
+# the CPU), they run over row chunks of this many elements. Done whole at the mixtral-8x7b shape (16k expert rows of
+# 14,336 in a padded R batch), the gradient's fp32 temporaries came to ~20 rows-by-intermediate bf16 tensors (~9 GB;
+# s12c3, on the GPU before the Triton row kernels: LoRA at 1.37x plain transformers' memory).
 CHUNK_ELEMENTS = 1 << 24
 
 
