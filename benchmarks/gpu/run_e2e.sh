@@ -8,7 +8,7 @@
 # less the time to copy results (BENCH_TIMEOUT caps it further), so a long matrix is cut, never the copying.
 set -u
 START=$(date +%s)
-source benchmarks/gpu/setup_device.sh || exit 1
+[ -n "${NO_SETUP:-}" ] || source benchmarks/gpu/setup_device.sh || exit 1  # NO_SETUP: the caller sourced it
 DETAILS=/tmp/e2e-details-$WORKLOAD
 rm -rf $DETAILS; mkdir -p $DETAILS
 python3 -c "from fmsaccel_cli.models import materialize; print(materialize('llama3-8b'))" 2>&1 | tail -1
