@@ -87,6 +87,36 @@ def test_autograd_op_forward_backward(case, backend, random_gptq, device):
     assert w["qweight"].grad is None
 
 
+def test_checkpoint_recompute_skips_a_last_matmul_that_saves_nothing(random_gptq, monkeypatch):
+    """The op saves no tensor, so non-reentrant checkpointing's early-stopping recompute does not rerun a final
+    quantised matmul (the down projection of an MLP without LoRA): two products in the forward, one recomputed,
+    two in the backward; the gradients are those of the run without checkpointing."""
+    w = random_gptq(128, 64, group_size=64, act_order=False, checkpoint_format="gptq")
+    tensors, kwargs = _weight_args(w)
+    first = torch.randn(128, 32, generator=torch.Generator().manual_seed(3)).requires_grad_()
+
+    def block(x):
+        return gptq_matmul(torch.nn.functional.silu(x @ first).repeat(1, 4), *tensors, **kwargs, backend="torch")
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("the op saved a tensor"), lambda t: t):
+        gptq_matmul(torch.randn(3, 128, requires_grad=True), *tensors, **kwargs, backend="torch")
+    calls = []
+    product = kernels._product
+    monkeypatch.setattr(kernels, "_product", lambda *a, **k: calls.append(k["grad_input"]) or product(*a, **k))
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for checkpointed in (False, True):
+        calls.clear()
+        x_ = x.clone().requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(block, x_, use_reentrant=False) if checkpointed else block(x_)
+        y.square().sum().backward()
+        grads.append((x_.grad, first.grad.clone()))
+        first.grad = None
+        assert calls == [False, True], calls  # the forward's product, then the input gradient's: no recompute
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_auto_backend_by_token_count():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert kernels.resolve_backend("auto", kernels.FUSED_MAX_TOKENS, cuda) == "fused"

@@ -286,12 +286,19 @@ def _product(a2d, weight, backend: str, grad_input: bool) -> torch.Tensor:
 
 
 class _GPTQMatmul(torch.autograd.Function):
+    """Saves no tensor: the frozen quantised weight rides on ``ctx`` as a plain attribute.
+
+    Non-reentrant activation checkpointing stops its recompute once every tensor the forward
+    saved has been saved again. A layer whose last matmul saves nothing (Llama's MLP down
+    projection without LoRA) therefore never reruns that matmul; saving the weight through
+    ``save_for_backward`` would make the recompute run it only to re-save a constant.
+    """
+
     @staticmethod
     def forward(ctx, x, qweight, scales, qzeros, g_idx, group_size, zero_offset, backend):
-        ctx.save_for_backward(qweight, scales, qzeros, g_idx)
-        ctx.meta = (group_size, zero_offset, backend)
-        x2d = x.reshape(-1, x.shape[-1])
         weight = (qweight, scales, qzeros, g_idx, group_size, zero_offset)
+        ctx.weight, ctx.backend = weight, backend
+        x2d = x.reshape(-1, x.shape[-1])
         y = _product(x2d, weight, resolve_backend(backend, x2d.shape[0], x.device), grad_input=False)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -299,11 +306,8 @@ class _GPTQMatmul(torch.autograd.Function):
     def backward(ctx, dy):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
-        qweight, scales, qzeros, g_idx = ctx.saved_tensors
-        group_size, zero_offset, backend = ctx.meta
         dy2d = dy.reshape(-1, dy.shape[-1])
-        weight = (qweight, scales, qzeros, g_idx, group_size, zero_offset)
-        dx = _product(dy2d, weight, resolve_backend(backend, dy2d.shape[0], dy.device), grad_input=True)
+        dx = _product(dy2d, ctx.weight, resolve_backend(ctx.backend, dy2d.shape[0], dy.device), grad_input=True)
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, None, None, None, None, None, None
 
 
