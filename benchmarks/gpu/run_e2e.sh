@@ -9,7 +9,7 @@
 set -u
 START=$(date +%s)
 [ -n "${NO_SETUP:-}" ] || source benchmarks/gpu/setup_device.sh || exit 1  # NO_SETUP: the caller sourced it
-DETAILS=/tmp/e2e-details-$WORKLOAD
+mkdir -p "$OUT"; DETAILS=/tmp/e2e-details-$WORKLOAD
 rm -rf $DETAILS; mkdir -p $DETAILS
 python3 -c "from fmsaccel_cli.models import materialize; print(materialize('llama3-8b'))" 2>&1 | tail -1
 export FMSACCEL_PROFILE=1
