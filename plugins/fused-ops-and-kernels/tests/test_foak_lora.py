@@ -162,6 +162,30 @@ def test_dropout_drawn_in_kernel_keeps_no_mask_and_replays_under_checkpointing()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_dropout_drawn_in_kernel_compiles_as_opaque_ops():
+    """Inside ``torch.compile`` (compiled layers) the kernels are custom ops Dynamo does not trace into: one graph,
+    and the same outputs and gradients as eager for the same generator state."""
+    model = _peft_block(None, 0.25)
+    inner = model.base_model.model
+    layers = [inner.q_proj, inner.k_proj, inner.v_proj]
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def loss(x):
+        return sum(t.square().sum() for t in fused_lora(x, layers, dropout_in_kernel=True))
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        torch.manual_seed(5)
+        x_ = x.clone().requires_grad_()
+        out = fn(x_)
+        out.backward()
+        results.append([out.detach(), x_.grad, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    assert len(results[0]) == 8
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,cols,rank,p", [(37, 45, 8, 0.1), (16, 64, 20, 0.5), (5, 33, 4, 0.25)])
 def test_dropout_kernels_match_torch_with_the_same_mask(dtype, rows, cols, rank, p):

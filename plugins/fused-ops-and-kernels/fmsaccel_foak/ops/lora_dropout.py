@@ -14,6 +14,10 @@ Each projection draws its own int64 seed from torch's generator in the forward
 masks. The ``1 / (1 - p)`` rescale stays folded into the LoRA scaling, as in :mod:`.lora`.
 The stream is not PEFT's (nor the torch path's). :func:`keep_mask` materialises the mask
 the kernels draw, for tests.
+
+The three launchers are ``torch.library`` custom ops with shape-only fake implementations,
+so a compiled decoder layer (``compile_layers``) keeps each as one opaque node instead of
+Dynamo tracing the kernel launches (which failed on the GPU).
 """
 
 from __future__ import annotations
@@ -163,6 +167,7 @@ def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch
     return out
 
 
+@torch.library.custom_op("fmsaccel_foak::dropped_down", mutates_args=())
 def dropped_down(x2: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``(x2 * keep) @ a^T``: ``[M, K] x [r, K] -> [M, r]`` in ``x2``'s dtype."""
     rows, cols = x2.shape
@@ -175,6 +180,12 @@ def dropped_down(x2: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float
     return out
 
 
+@dropped_down.register_fake
+def _(x2, a, seed, p):
+    return x2.new_empty(x2.shape[0], a.shape[0])
+
+
+@torch.library.custom_op("fmsaccel_foak::dropped_weight_grad", mutates_args=())
 def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``dxa^T @ (x2 * keep)``: ``[M, r], [M, K] -> [r, K]`` in fp32."""
     rows, cols = x2.shape
@@ -187,6 +198,12 @@ def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor,
     return out
 
 
+@dropped_weight_grad.register_fake
+def _(dxa, x2, seed, p):
+    return x2.new_empty(dxa.shape[1], x2.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fmsaccel_foak::add_dropped_input_grad", mutates_args=("dx",))
 def add_dropped_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> None:
     """``dx += (dxa @ a) * keep`` in place: ``[M, K] += [M, r] x [r, K]``."""
     rows, cols = dx.shape
@@ -196,3 +213,8 @@ def add_dropped_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor,
     _dropped_input_grad_kernel[grid](
         dxa, a, dx, seed, rows, cols, rank, dxa.stride(0), a.stride(0), dx.stride(0), p,
         R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(dx))
+
+
+@add_dropped_input_grad.register_fake
+def _(dx, dxa, a, seed, p):
+    return None
