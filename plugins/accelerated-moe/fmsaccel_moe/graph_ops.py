@@ -9,7 +9,9 @@ experts are one node in the forward graph and one in the backward graph; Inducto
 compiles everything around them.
 
 The forward op also returns what the backward needs (``gate_up`` and the sorted
-routing), so the partitioner saves those instead of anything recomputed. Covered:
+routing), so the partitioner saves those instead of anything recomputed; the backward
+op writes ``gate_up``'s gradient over it (its only use), which keeps the backward's peak at
+plain transformers' (mixtral full fine-tuning, s14c3). Covered:
 plain 16-bit experts (full fine-tuning or frozen, LoRA elsewhere). LoRA on experts,
 4-bit experts and expert parallelism go through the eager path, between graphs.
 """
@@ -64,8 +66,11 @@ def _backward(d_out: Tensor, x: Tensor, top_k_weights: Tensor, gate_up_proj: Ten
     routing = _routing(expert, slot, token, counts, gate_up_proj.size(0), top_k)
     weights = sorted_weights(top_k_weights, slot)
     want_x, want_weights, want_gate_up, want_down = wanted
+    # gate_up is the forward op's own output, saved for this op alone: its gradient is written over it (the
+    # schema does not declare the mutation, so compiled graphs keep no copy; a second backward is refused below)
     d_gate_up, d_down, d_rows = swiglu_down_backward(d_out, gate_up, down_proj, routing=routing, weights=weights,
-                                                     backend=impl, fuse=fuse, want_down=want_down)
+                                                     backend=impl, fuse=fuse, want_down=want_down,
+                                                     overwrite_gate_up=True)
     d_x, d_gate_up_proj = linear_backward(d_gate_up, x, gate_up_proj, routing, True, impl, want_x, want_gate_up)
     d_top_k = None
     if want_weights:  # sorted rows back to slot order
@@ -93,6 +98,11 @@ def _autograd_backward(ctx, d_out, *_):
     wanted = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4)]
     if not any(wanted):
         return (None,) * 7
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("the routed experts' backward reuses its saved gate/up activations for their gradient, "
+                           "so it runs once per forward: backward through the same graph twice (retain_graph) is "
+                           "not supported with compiled MoE layers")
+    ctx.consumed = True
     grads = _backward(d_out.contiguous(), *ctx.saved_tensors, ctx.backend, ctx.fuse, wanted)
     d_x, d_top_k, d_gate_up_proj, d_down = (g if want else None for g, want in zip(grads, wanted, strict=True))
     return d_x, None, d_top_k, d_gate_up_proj, d_down, None, None

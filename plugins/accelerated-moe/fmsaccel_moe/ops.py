@@ -121,16 +121,25 @@ def swiglu_down_combine(gate_up, down, routing: Routing, weights, backend: Modul
 
 
 def swiglu_down_backward(d_out, gate_up, down, *, routing: Routing, weights, backend: ModuleType, fuse: bool,
-                         want_down: bool):
+                         want_down: bool, overwrite_gate_up: bool = False):
     """Gradients of ``SwigluDownCombine`` for ``gate_up``, the down weight (None unless wanted) and the
-    sorted-row routing weights (None without them)."""
+    sorted-row routing weights (None without them).
+
+    ``overwrite_gate_up``: the caller holds the only use of ``gate_up``, so its gradient is
+    written over it. That saves a ``[rows, 2 * intermediate]`` tensor at the backward's peak
+    (the gate/up weight gradient, computed next from this gradient).
+    """
     d_out = d_out.to(down.dtype).contiguous()
+    overwrite_gate_up = overwrite_gate_up and gate_up.is_contiguous()
+    d_down = None
+    if want_down and fuse and overwrite_gate_up:  # it reads gate_up: before the overwrite
+        d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
     # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
     g = backend.expert_mm(d_out, down, routing, gather=True, transpose_weight=True)
-    d_gate_up, d_weights, scaled_h = backend.swiglu_backward(gate_up, g, weights, want_h=want_down and not fuse)
+    d_gate_up, d_weights, scaled_h = backend.swiglu_backward(gate_up, g, weights, want_h=want_down and not fuse,
+                                                             out=gate_up if overwrite_gate_up else None)
     del g  # a [rows, intermediate] tensor, else alive beside the down weight gradient's (the backward's peak)
-    d_down = None
-    if want_down:
+    if want_down and d_down is None:
         if fuse:
             d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
         else:

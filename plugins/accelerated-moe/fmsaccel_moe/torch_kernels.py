@@ -167,15 +167,16 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(
-    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False
+    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """See ``triton_kernels.swiglu_backward``. In fp32, over row chunks (``CHUNK_ELEMENTS``), or in Triton."""
     if elementwise_in_triton(gate_up):
         from . import triton_kernels
 
-        return triton_kernels.swiglu_backward(gate_up, grad, row_scale, want_h=want_h)
+        return triton_kernels.swiglu_backward(gate_up, grad, row_scale, want_h=want_h, out=out)
     rows, inter = gate_up.size(0), gate_up.size(1) // 2
-    d_gate_up = gate_up.new_empty(rows, 2 * inter)
+    d_gate_up = out if out is not None else gate_up.new_empty(rows, 2 * inter)
     d_scale = gate_up.new_empty(rows, dtype=torch.float32) if row_scale is not None else None
     h = gate_up.new_empty(rows, inter) if want_h else None
     for start, end in _row_chunks(rows, inter):
@@ -187,8 +188,9 @@ def swiglu_backward(
         if scale is not None:
             d_scale[chunk] = (g * silu * up).sum(1)
         dh = g * scale if scale is not None else g
-        d_gate_up[chunk, :inter] = dh * up * sig * (1 + gate * (1 - sig))
-        d_gate_up[chunk, inter:] = dh * silu
-        if want_h:
+        d_gate, d_up = dh * up * sig * (1 + gate * (1 - sig)), dh * silu
+        if want_h:  # before the stores: with out=gate_up (fp32) gate and up are views of what they overwrite
             h[chunk] = silu * up * scale if scale is not None else silu * up
+        d_gate_up[chunk, :inter] = d_gate
+        d_gate_up[chunk, inter:] = d_up
     return d_gate_up, d_scale, h

@@ -447,17 +447,19 @@ def _swiglu_backward_kernel(
 
 
 def swiglu_backward(
-    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False
+    gate_up: torch.Tensor, grad: torch.Tensor, row_scale: torch.Tensor | None, *, want_h: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward of ``s_r * silu(gate) * up`` given ``grad`` of the unscaled product.
 
     Returns ``d_gate_up``, ``d_scale[r] = <grad_r, silu(gate_r) * up_r>`` (fp32, with
     ``row_scale``) and, with ``want_h``, the recomputed ``s_r * silu(gate) * up`` (for the
-    down projection's weight gradient).
+    down projection's weight gradient). ``out`` receives ``d_gate_up`` and may be ``gate_up``
+    itself: each program reads its rows' gate and up before it stores their gradients.
     """
     gate_up, grad = gate_up.contiguous(), grad.contiguous()
     rows, inter = gate_up.size(0), gate_up.size(1) // 2
-    d_gate_up = torch.empty_like(gate_up)
+    d_gate_up = out if out is not None else torch.empty_like(gate_up)
     d_scale = torch.empty(rows, device=gate_up.device, dtype=torch.float32) if row_scale is not None else None
     h = gate_up.new_empty(rows, inter) if want_h else None
     if rows == 0:

@@ -119,6 +119,31 @@ def test_swiglu_forward_and_backward_match_autograd(backend):
     assert max_diff(d_scale, s.grad) < 1e-5
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_down_backward_can_write_the_gate_up_gradient_over_gate_up(backend, fuse, dtype):
+    """``overwrite_gate_up`` (the compiled layers' backward op): the gate/up gradient lands in ``gate_up``'s own
+    storage and every gradient equals the run that allocates it (fp32 included, where the torch chunks read
+    ``gate_up`` through views of what they overwrite)."""
+    from fmsaccel_moe.ops import sorted_weights, swiglu_down_backward
+
+    gen = torch.Generator().manual_seed(6)
+    tokens, experts, top_k, hidden, inter = 23, 5, 2, 16, 40
+    routing = route(_routing(tokens, experts, top_k, seed=3), experts)
+    gate_up = torch.randn(tokens * top_k, 2 * inter, generator=gen).to(DEVICE, dtype)
+    down = (torch.randn(experts, hidden, inter, generator=gen) * 0.2).to(DEVICE, dtype)
+    top_k_weights = torch.rand(tokens, top_k, generator=gen).to(DEVICE, dtype)
+    weights = sorted_weights(top_k_weights, routing.slot)
+    d_out = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
+    kwargs = dict(routing=routing, weights=weights, backend=BACKENDS[backend], fuse=fuse, want_down=True)
+    want = swiglu_down_backward(d_out, gate_up.clone(), down, **kwargs)
+    got = swiglu_down_backward(d_out, gate_up, down, **kwargs, overwrite_gate_up=True)
+    assert got[0].data_ptr() == gate_up.data_ptr()
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 def _mixtral_experts(hidden: int, inter: int, experts: int, dtype) -> MixtralExperts:
     config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts)
     config._experts_implementation = "eager"  # Hugging Face's per-expert loop: the reference
@@ -180,6 +205,11 @@ def test_custom_op_experts_equal_the_autograd_functions(backend, fuse_swiglu):
         assert max_diff(got, want) < 1e-5 * max(1.0, want.abs().max().item())
     _, (d_x,) = run(lambda *a: routed_experts_op(*a, backend, fuse_swiglu), [x])  # frozen experts: LoRA elsewhere
     assert max_diff(d_x, ref_grads[0]) < 1e-5 * max(1.0, ref_grads[0].abs().max().item())
+    weights, index = logits.softmax(-1).topk(3, dim=-1)
+    out = routed_experts_op(x, index, weights, experts.gate_up_proj, experts.down_proj, backend, fuse_swiglu)
+    torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):  # its saved gate_up now holds the gradient
+        torch.autograd.grad(out, leaves, grad)
 
     weights, index = logits.detach().softmax(-1).topk(3, dim=-1)
     inputs = (x.detach().requires_grad_(), index, weights.requires_grad_(), experts.gate_up_proj.detach(),
