@@ -21,19 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fmsaccel_framework.triton_utils import grouped_tile_order, is_interpreted
+from fmsaccel_framework.triton_utils import exact_fp32_dot, grouped_tile_order, is_interpreted
 
 from .routing import Routing
 
 
 def interpreting() -> bool:
     return is_interpreted(_expert_mm_kernel)  # decorated with the module, so it knows how Triton runs them
-
-
-def _dot_fp32(dtype: torch.dtype) -> bool:
-    """Multiply in exact fp32: for fp32 experts (like cuBLAS's default, no TF32), and always in
-    the interpreter, whose ``tl.dot`` mishandles bf16 operands."""
-    return dtype == torch.float32 or interpreting()
 
 
 TALL_TILES_FROM_ROWS_PER_EXPERT = 512
@@ -209,7 +203,7 @@ def expert_mm(
         out.stride(1),
     )
     flags = dict(GATHER=gather, SCATTER=scatter, SWIGLU=swiglu, SCALE=row_scale is not None)
-    flags["DOT_FP32"] = _dot_fp32(a.dtype)
+    flags["DOT_FP32"] = exact_fp32_dot(a.dtype, interpreting())
     tiles_m = block_expert.numel()
     if interpreting():
         grid = (tiles_m * triton.cdiv(n, 64),)
@@ -349,7 +343,7 @@ def expert_xty(
         out.stride(2),
     )
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, SWIGLU_B=swiglu_b, SCALE_A=a_row_scale is not None)
-    flags["DOT_FP32"] = _dot_fp32(a.dtype)
+    flags["DOT_FP32"] = exact_fp32_dot(a.dtype, interpreting())
     experts = routing.num_experts
     if interpreting():
         grid = (experts * triton.cdiv(m, 64) * triton.cdiv(n, 64),)

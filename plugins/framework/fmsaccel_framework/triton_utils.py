@@ -5,6 +5,7 @@ Only kernel modules import this (it imports triton); specs and the CLI never do.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -17,6 +18,14 @@ def is_interpreted(kernel) -> bool:
     """
     candidates = (kernel, getattr(kernel, "fn", None))  # an autotuner keeps the kernel in .fn
     return any(type(k).__name__ == "InterpretedFunction" for k in candidates)
+
+
+def exact_fp32_dot(dtype: torch.dtype, interpreting: bool) -> bool:
+    """The ``DOT_FP32`` flag our kernels take: multiply in exact fp32 (``input_precision="ieee"``) for fp32
+    operands, as cuBLAS does by default (no TF32), and always in the interpreter, whose ``tl.dot`` mishandles
+    bf16 operands. ``interpreting``: :func:`is_interpreted` of the caller's kernels, decided once at import, so
+    that code Dynamo traces does not inspect kernel objects."""
+    return dtype == torch.float32 or interpreting
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fmsaccel_framework.triton_utils import is_interpreted
+from fmsaccel_framework.triton_utils import exact_fp32_dot, is_interpreted
 
 from ..runtime import can_launch
 
@@ -153,9 +153,7 @@ _INTERPRETING = is_interpreted(_dropped_down_kernel)
 
 
 def _dot_fp32(t: torch.Tensor) -> bool:
-    """Multiply in exact fp32: for fp32 inputs (cuBLAS's default, no TF32), and always in the interpreter, whose
-    ``tl.dot`` mishandles bf16 operands."""
-    return t.dtype == torch.float32 or _INTERPRETING
+    return exact_fp32_dot(t.dtype, _INTERPRETING)
 
 
 def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch.dtype, device) -> torch.Tensor:
