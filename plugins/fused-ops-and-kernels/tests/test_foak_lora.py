@@ -187,10 +187,13 @@ def test_dropout_drawn_in_kernel_compiles_as_opaque_ops():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,cols,rank,p", [(37, 45, 8, 0.1), (16, 64, 20, 0.5), (5, 33, 4, 0.25)])
-def test_dropout_kernels_match_torch_with_the_same_mask(dtype, rows, cols, rank, p):
+@pytest.mark.parametrize("rows,cols,rank,p", [(37, 45, 8, 0.1), (16, 64, 20, 0.5), (5, 33, 4, 0.25), (70, 40, 8, 0.1)])
+@pytest.mark.parametrize("split_min_rows", [2048, 8], ids=["one-row-range", "row-ranges"])
+def test_dropout_kernels_match_torch_with_the_same_mask(dtype, rows, cols, rank, p, split_min_rows, monkeypatch):
     """Each kernel against plain torch given the mask ``keep_mask`` materialises (odd sizes, ranks below and above
-    16): ``(x * keep) @ A^T``, ``dxa^T @ (x * keep)`` and ``dx += (dxa @ A) * keep``."""
+    16): ``(x * keep) @ A^T``, ``dxa^T @ (x * keep)`` (over one or several row ranges, summed) and
+    ``dx += (dxa @ A) * keep``."""
+    monkeypatch.setattr(lora_dropout, "SPLIT_MIN_ROWS", split_min_rows)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
     a = torch.randn(rank, cols, generator=gen).to(DEVICE, dtype)
@@ -205,6 +208,14 @@ def test_dropout_kernels_match_torch_with_the_same_mask(dtype, rows, cols, rank,
     want = dx.float() + (dxa.float() @ a.float()) * keep
     lora_dropout.add_dropped_input_grad(dx, dxa, a, seed, p)
     torch.testing.assert_close(dx.float(), want, **tol)
+
+
+def test_the_weight_gradient_splits_long_inputs_into_row_ranges():
+    """Workload P's 16k rows x 4096 columns: 128 column blocks, so four row ranges fill ~512 programs; short inputs
+    (R's padding-free rows, the tests) keep one range."""
+    assert lora_dropout.row_splits(16384, 128) == 4
+    assert lora_dropout.row_splits(1000, 128) == 1
+    assert lora_dropout.row_splits(16384, 1024) == 1
 
 
 def test_the_kernels_keep_mask_is_a_seeded_bernoulli_draw():

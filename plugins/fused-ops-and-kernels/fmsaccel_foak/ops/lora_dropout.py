@@ -31,6 +31,8 @@ from fmsaccel_framework.triton_utils import exact_fp32_dot, is_interpreted
 from ..runtime import can_launch
 
 MAX_ELEMENTS = 2**31 - 1  # element indices are int32 Philox counters
+TARGET_PROGRAMS = 512  # the weight gradient's grid: about four programs per SM of an H100 (132)
+SPLIT_MIN_ROWS = 2048  # rows a weight-gradient program walks at least (fewer: partial sums cost more than they save)
 
 
 @triton.jit
@@ -89,21 +91,24 @@ def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :])
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, stride_dxa, stride_x, stride_da, p,
-                                R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                                DOT_FP32: tl.constexpr):
-    """``DA[:rank, k] = sum_m dxa[m, :rank] * x[m, k] * keep(m, k)`` for one block of columns (fp32)."""
+@triton.jit(do_not_specialize=["n_rows", "rows_per_split"])
+def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, rows_per_split, stride_dxa, stride_x,
+                                stride_split, stride_da, p, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``DA[split, :rank, k] = sum_m dxa[m, :rank] * x[m, k] * keep(m, k)`` (fp32) for one block of columns, over
+    the rows of one split (a multiple of ``BLOCK_M``, so no tile straddles two splits)."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
     ranks = tl.arange(0, R)
     seed = tl.load(SEED)
     acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, n_rows, BLOCK_M):
+    start = split * rows_per_split
+    for m0 in range(start, tl.minimum(start + rows_per_split, n_rows), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         x = _dropped_tile(X, seed, rows, cols, n_rows, n_cols, stride_x, p)
         dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
         acc = _dot(tl.trans(dxa.to(x.dtype)), x, acc, DOT_FP32)
-    out = DA + ranks[:, None] * stride_da + cols[None, :]
+    out = DA + split.to(tl.int64) * stride_split + ranks[:, None] * stride_da + cols[None, :]
     tl.store(out, acc, mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :])
 
 
@@ -183,17 +188,28 @@ def _(x2, a, seed, p):
     return x2.new_empty(x2.shape[0], a.shape[0])
 
 
+def row_splits(rows: int, column_blocks: int) -> int:
+    """How many row ranges the weight gradient is summed over in parallel: enough programs to fill a GPU
+    (``TARGET_PROGRAMS``), each range at least ``SPLIT_MIN_ROWS`` rows. One column block per program alone
+    leaves a 4096-wide input with 128 programs walking every row (16k at workload P)."""
+    return max(1, min(triton.cdiv(rows, SPLIT_MIN_ROWS), triton.cdiv(TARGET_PROGRAMS, column_blocks)))
+
+
 @torch.library.custom_op("fmsaccel_foak::dropped_weight_grad", mutates_args=())
 def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``dxa^T @ (x2 * keep)``: ``[M, r], [M, K] -> [r, K]`` in fp32."""
+    """``dxa^T @ (x2 * keep)``: ``[M, r], [M, K] -> [r, K]`` in fp32 (row ranges summed in a fixed order)."""
     rows, cols = x2.shape
     rank = dxa.shape[1]
-    out = torch.empty(rank, cols, dtype=torch.float32, device=x2.device)
-    block_m, block_k = _blocks(x2, columns=32)  # one program per column block: more of them
-    _dropped_weight_grad_kernel[(triton.cdiv(cols, block_k),)](
-        dxa, x2, out, seed, rows, cols, rank, dxa.stride(0), x2.stride(0), out.stride(0), p,
-        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2))
-    return out
+    block_m, block_k = _blocks(x2, columns=32)  # one program per column block and row range: more of them
+    column_blocks = triton.cdiv(cols, block_k)
+    splits = row_splits(rows, column_blocks)
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
+    splits = triton.cdiv(rows, rows_per_split)
+    partial = torch.empty(splits, rank, cols, dtype=torch.float32, device=x2.device)
+    _dropped_weight_grad_kernel[(column_blocks, splits)](
+        dxa, x2, partial, seed, rows, cols, rank, rows_per_split, dxa.stride(0), x2.stride(0), partial.stride(0),
+        partial.stride(1), p, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2))
+    return partial[0] if splits == 1 else partial.sum(0)
 
 
 @dropped_weight_grad.register_fake
