@@ -131,19 +131,18 @@ def swiglu_down_backward(d_out, gate_up, down, *, routing: Routing, weights, bac
     """
     d_out = d_out.to(down.dtype).contiguous()
     overwrite_gate_up = overwrite_gate_up and gate_up.is_contiguous()
-    d_down = None
-    if want_down and fuse and overwrite_gate_up:  # it reads gate_up: before the overwrite
-        d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
+
+    def fused_down_grad():  # rebuilds swiglu(gate_up) from gate_up's rows
+        return backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
+
+    d_down = fused_down_grad() if want_down and fuse and overwrite_gate_up else None  # before the overwrite
     # g[r] = d_out[token(r)] @ W_down[e]: the gradient of the unscaled down projection input.
     g = backend.expert_mm(d_out, down, routing, gather=True, transpose_weight=True)
     d_gate_up, d_weights, scaled_h = backend.swiglu_backward(gate_up, g, weights, want_h=want_down and not fuse,
                                                              out=gate_up if overwrite_gate_up else None)
     del g  # a [rows, intermediate] tensor, else alive beside the down weight gradient's (the backward's peak)
     if want_down and d_down is None:
-        if fuse:
-            d_down = backend.expert_xty(d_out, gate_up, routing, gather_a=True, swiglu_b=True, a_row_scale=weights)
-        else:
-            d_down = backend.expert_xty(d_out, scaled_h, routing, gather_a=True)
+        d_down = fused_down_grad() if fuse else backend.expert_xty(d_out, scaled_h, routing, gather_a=True)
     if d_weights is not None:
         d_weights = d_weights.to(weights.dtype)
     return d_gate_up, d_down, d_weights

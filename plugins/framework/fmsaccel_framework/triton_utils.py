@@ -23,8 +23,8 @@ def is_interpreted(kernel) -> bool:
 def exact_fp32_dot(dtype: torch.dtype, interpreting: bool) -> bool:
     """The ``DOT_FP32`` flag our kernels take: multiply in exact fp32 (``input_precision="ieee"``) for fp32
     operands, as cuBLAS does by default (no TF32), and always in the interpreter, whose ``tl.dot`` mishandles
-    bf16 operands. ``interpreting``: :func:`is_interpreted` of the caller's kernels, decided once at import, so
-    that code Dynamo traces does not inspect kernel objects."""
+    bf16 operands. ``interpreting``: :func:`is_interpreted` of the caller's kernels (decided once at import where
+    the launch is code Dynamo traces, so that it does not inspect kernel objects)."""
     return dtype == torch.float32 or interpreting
 
 

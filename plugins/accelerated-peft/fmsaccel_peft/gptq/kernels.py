@@ -242,7 +242,7 @@ def _launch_fused(a: torch.Tensor, qweight, scales, qzeros, g_idx, group_size, z
     out = torch.empty(M, K if grad_input else N, dtype=a.dtype, device=a.device)
     args = (a, *_weight_args(qweight, scales, qzeros, g_idx), out, M, N, K, a.stride(0), out.stride(0), _bucket(M))
     flags = dict(GROUP_SIZE=size, HAS_G_IDX=g_idx is not None, ZERO_OFFSET=zero_offset,
-                 DOT_FP32=exact_fp32_dot(a.dtype, _INTERPRETING))
+                 DOT_FP32=exact_fp32_dot(a.dtype, _interpreting()))
     out_cols, block = (K, "BLOCK_K") if grad_input else (N, "BLOCK_N")
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[block]),)
     if _interpreting() or PINNED_MATMUL:

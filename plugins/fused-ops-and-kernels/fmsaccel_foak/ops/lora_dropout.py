@@ -152,8 +152,7 @@ def _blocks(x2: torch.Tensor, columns: int = 64) -> tuple[int, int]:
     return 32, 64  # the interpreter: few programs (each costs milliseconds of Python)
 
 
-# Triton picks the interpreter when a kernel is decorated, so this is known at import; a constant, not a check at
-# each launch, so that torch.compile (compiled layers) does not trace into the kernel object
+# Triton picks the interpreter when a kernel is decorated, so this is known at import
 _INTERPRETING = is_interpreted(_dropped_down_kernel)
 
 
