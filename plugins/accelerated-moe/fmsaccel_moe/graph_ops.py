@@ -67,7 +67,9 @@ def _backward(d_out: Tensor, x: Tensor, top_k_weights: Tensor, gate_up_proj: Ten
     weights = sorted_weights(top_k_weights, slot)
     want_x, want_weights, want_gate_up, want_down = wanted
     # gate_up is the forward op's own output, saved for this op alone: its gradient is written over it (the
-    # schema does not declare the mutation, so compiled graphs keep no copy; a second backward is refused below)
+    # schema does not declare the mutation, so compiled graphs keep no copy). A second backward through the same
+    # graph would read the gradient: refused below when autograd calls this eagerly; a compiled backward graph run
+    # twice (retain_graph) is not guarded, and training never does that
     d_gate_up, d_down, d_rows = swiglu_down_backward(d_out, gate_up, down_proj, routing=routing, weights=weights,
                                                      backend=impl, fuse=fuse, want_down=want_down,
                                                      overwrite_gate_up=True)
