@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""GPU timing of foak's LoRA-dropout kernels (``dropout_in_kernel``) against the torch mask path, at workload P.
+
+At P (4 x 4096 tokens, hidden 4096, r=16, p=0.1) each LoRA projection reads or writes a few
+128 MiB tensors per pass; this prints, per pass, the time of the kernel, of the torch path
+it replaces (a ``bernoulli_`` mask kept in bf16 and its multiplies) and of the memory floor
+(the same bytes at the copy bandwidth measured here), so one run says whether a kernel is
+bandwidth-bound or spends its time in the random draws. ``rng`` rows time the draws alone:
+one Philox per element (what the kernels do) and one per four elements.
+
+    python benchmarks/gpu/lora_dropout_kernels.py            # needs a CUDA device
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+REPO = Path(__file__).resolve().parents[2]
+try:
+    import fmsaccel_foak  # noqa: F401
+except ImportError:  # not pip-installed: use the checkout
+    sys.path[:0] = [str(REPO / "plugins" / p) for p in ("framework", "accelerated-peft", "fused-ops-and-kernels")]
+
+from fmsaccel_foak.ops import lora_dropout  # noqa: E402
+
+M, K, R, P = 16384, 4096, 16, 0.1
+
+
+@triton.jit
+def _count_keep_kernel(OUT, seed, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    total = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        keep = tl.rand(seed, (rows[:, None] * n_cols + cols[None, :]).to(tl.int32)) >= p
+        total += tl.sum(keep.to(tl.int32), axis=1)
+    tl.store(OUT + rows, total)
+
+
+@triton.jit
+def _count_keep4_kernel(OUT, seed, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    total = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        r0, r1, r2, r3 = tl.rand4x(seed, (rows[:, None] * (n_cols // 4) + quads[None, :]).to(tl.int32))
+        total += tl.sum((r0 >= p).to(tl.int32) + (r1 >= p).to(tl.int32) + (r2 >= p).to(tl.int32)
+                        + (r3 >= p).to(tl.int32), axis=1)
+    tl.store(OUT + rows, total)
+
+
+def timed(fn, iters=20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 2
+    dev = torch.device("cuda")
+    bf16 = torch.bfloat16
+    x = torch.randn(M, K, device=dev, dtype=bf16)
+    dx = torch.randn(M, K, device=dev, dtype=bf16)
+    a = torch.randn(R, K, device=dev, dtype=bf16) * 0.02
+    dxa = torch.randn(M, R, device=dev, dtype=bf16)
+    seed = lora_dropout.draw_seed(dev)
+    mask = torch.empty_like(x).bernoulli_(1 - P)
+    size = x.numel() * x.element_size()
+    copy_ms = timed(lambda: dx.copy_(x))
+    bandwidth = 2 * size / copy_ms / 1e6  # GB/s
+    print(f"{torch.cuda.get_device_name(dev)}, triton {triton.__version__}: [{M}, {K}] bf16, r={R}, p={P}; "
+          f"copy bandwidth {bandwidth:.0f} GB/s ({copy_ms:.3f} ms a {size / 2**20:.0f} MiB copy)")
+    floor = lambda tensors: tensors * size / bandwidth / 1e6  # noqa: E731  ms to move that many x-sized tensors
+    rows = [
+        ("down: (x*keep)@A^T", lambda: lora_dropout.dropped_down(x, a, seed, P),
+         lambda: (x * mask) @ a.t(), 1, 4),
+        ("dA: dxa^T@(x*keep)", lambda: lora_dropout.dropped_weight_grad(dxa, x, seed, P),
+         lambda: dxa.t() @ (x * mask), 1, 4),
+        ("dx += (dxa@A)*keep", lambda: lora_dropout.add_dropped_input_grad(dx, dxa, a, seed, P),
+         lambda: dx.add_((dxa @ a).mul_(mask)), 2, 7),
+        ("mask draw", lambda: lora_dropout.keep_mask(seed, (M, K), P, bf16, dev),
+         lambda: torch.empty_like(x).bernoulli_(1 - P), 1, 1),
+    ]
+    print(f"{'pass':22s} {'kernel ms':>10s} {'torch ms':>10s} {'kernel floor':>13s} {'torch floor':>12s}")
+    for name, kernel, torch_path, kernel_tensors, torch_tensors in rows:
+        print(f"{name:22s} {timed(kernel):10.3f} {timed(torch_path):10.3f} {floor(kernel_tensors):13.3f} "
+              f"{floor(torch_tensors):12.3f}")
+    counts = torch.empty(M, device=dev, dtype=torch.int32)
+    one = timed(lambda: _count_keep_kernel[(M // 64,)](counts, 1234, K, P, BLOCK_M=64, BLOCK_K=64))
+    kept_one = counts.float().mean().item() / K
+    four = timed(lambda: _count_keep4_kernel[(M // 64,)](counts, 1234, K, P, BLOCK_M=64, BLOCK_K=64))
+    kept_four = counts.float().mean().item() / K
+    print(f"rng alone: one Philox an element {one:.3f} ms (kept {kept_one:.4f}), one per four {four:.3f} ms "
+          f"(kept {kept_four:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
