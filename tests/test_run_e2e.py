@@ -47,6 +47,7 @@ def test_embedded_default_qlora_trains_and_saves(tmp_path):
     # every step's own wall time (40 steps, warm-up included), with the garbage collector's share of it
     assert len(m["step_times"]) == len(m["gc_seconds"]) == 40
     assert all(0 <= pause <= t for pause, t in zip(m["gc_seconds"], m["step_times"], strict=True))
+    assert m["gc_frozen_objects"] > 10_000  # the model, data and trainer, frozen before training
     assert 0.5 < m["train_tokens_per_second_median_step"] / m["train_tokens_per_second"] < 2
     assert sum(m["step_times"][2:]) == pytest.approx(38 * (step["forward_backward"] + step["optimizer"]
                                                            + step["step_end"]), rel=0.01, abs=0.01)

@@ -99,6 +99,25 @@ def main() -> int:
     for name, kernel, torch_path, kernel_tensors, torch_tensors in rows:
         print(f"{name:22s} {timed(kernel):10.3f} {timed(torch_path):10.3f} {floor(kernel_tensors):13.3f} "
               f"{floor(torch_tensors):12.3f}")
+    # tile sweep: (BLOCK_M, BLOCK_K, num_warps) per kernel, the shipped GPU_TILES first
+    shipped = dict(lora_dropout.GPU_TILES)
+    sweeps = {
+        "down": (rows[0][1], [(m, k, w) for m in (16, 32, 64, 128) for k in (64, 128, 256) for w in (4, 8)]),
+        "weight_grad": (rows[1][1], [(m, k, w) for m in (32, 64, 128) for k in (32, 64, 128) for w in (4, 8)]),
+        "input_grad": (rows[2][1], [(m, k, w) for m in (32, 64, 128) for k in (64, 128, 256) for w in (4, 8)]),
+    }
+    for kernel_name, (launch, tiles) in sweeps.items():
+        results = []
+        for tile in [shipped[kernel_name]] + [t for t in tiles if t != shipped[kernel_name]]:
+            lora_dropout.GPU_TILES[kernel_name] = tile
+            try:
+                results.append((timed(launch, iters=10), tile))
+            except Exception as err:  # a tile Triton cannot fit (shared memory, registers)
+                print(f"  {kernel_name} {tile}: {type(err).__name__}")
+        lora_dropout.GPU_TILES[kernel_name] = shipped[kernel_name]
+        best = sorted(results)[:3]
+        print(f"tiles {kernel_name}: shipped {shipped[kernel_name]} {results[0][0]:.3f} ms; best "
+              + ", ".join(f"{t} {ms:.3f} ms" for ms, t in best))
     counts = torch.empty(M, device=dev, dtype=torch.int32)
     one = timed(lambda: _count_keep_kernel[(M // 64,)](counts, 1234, K, P, BLOCK_M=64, BLOCK_K=64))
     kept_one = counts.float().mean().item() / K

@@ -228,6 +228,24 @@ def test_the_kernels_keep_mask_is_a_seeded_bernoulli_draw():
     assert not torch.equal(keep, lora_dropout.keep_mask(other, (64, 100), 0.3, torch.float32, DEVICE))
 
 
+def test_the_keep_mask_depends_on_the_element_alone(monkeypatch):
+    """Eight elements share one Philox draw (16 bits each): every column position of the eight keeps about
+    ``1 - p``, neighbours are uncorrelated, and the mask does not depend on the kernels' tile sizes."""
+    seed = torch.tensor([99], device=DEVICE)
+    keep = lora_dropout.keep_mask(seed, (96, 520), 0.1, torch.float32, DEVICE)
+    assert lora_dropout.keep_threshold(0.1) == 6554 and lora_dropout.keep_threshold(0.0) == 0
+    assert abs(keep.mean().item() - 0.9) < 0.005
+    for position in range(8):
+        assert abs(keep[:, position::8].mean().item() - 0.9) < 0.02, position
+    centred = keep - keep.mean()
+    for shift in (1, 2, 4, 8):
+        corr = (centred[:, shift:] * centred[:, :-shift]).mean() / centred.var()
+        assert abs(corr.item()) < 0.03, (shift, corr.item())
+    monkeypatch.setattr(lora_dropout, "INTERPRETER_TILES", (16, 8, 4))
+    monkeypatch.setattr(lora_dropout, "GPU_TILES", dict.fromkeys(lora_dropout.GPU_TILES, (16, 8, 4)))
+    assert torch.equal(keep, lora_dropout.keep_mask(seed, (96, 520), 0.1, torch.float32, DEVICE))
+
+
 def test_dropout_in_kernel_is_a_fused_lora_option_and_says_so():
     """The key needs ``fused_lora`` (a clear error otherwise), and the run's report says the masks are drawn in the
     kernels and are not PEFT's stream."""

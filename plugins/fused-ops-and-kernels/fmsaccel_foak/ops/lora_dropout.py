@@ -1,7 +1,11 @@
 """LoRA's dropout drawn inside the rank-r matmuls, from a counter-based RNG: no mask is stored.
 
-Element ``(m, k)`` of the ``[M, K]`` input is kept when ``tl.rand(seed, m * K + k) >= p``
-(Philox: the same draw for the same seed and index, on any launch). So the forward's
+Element ``(m, k)`` of the ``[M, K]`` input is kept when its 16-bit random word is at least
+``round(p * 65536)`` (so the keep probability is ``1 - p`` to within 2^-17). The words come from
+Philox (counter-based: the same draw for the same seed and counter, on any launch), one draw of
+four 32-bit words per eight consecutive elements of a row, counter ``m * ceil(K / 8) + k // 8``.
+One draw per element, as ``tl.rand`` makes, cost eight times the memory traffic of the kernels
+on an H200 (s15c1: 0.28 ms where reading the input takes 0.033). So the forward's
 ``(x * keep) @ A^T`` and the backward's ``dA = dxa^T @ (x * keep)`` and
 ``dx += (dxa @ A) * keep`` regenerate the mask where they read ``x`` or write ``dx``.
 Against the torch path of :mod:`.lora` (a ``bernoulli_`` mask kept per projection, then
@@ -45,16 +49,33 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, rows, cols, n_cols, p):
-    return tl.rand(seed, (rows[:, None] * n_cols + cols[None, :]).to(tl.int32)) >= p
+def _halves(word):
+    return tl.join(word & 0xFFFF, (word >> 16) & 0xFFFF)
 
 
 @triton.jit
-def _dropped_tile(X, seed, rows, cols, n_rows, n_cols, stride_x, p):
-    """The ``[rows, cols]`` tile of ``x * keep`` (zeros outside the matrix)."""
+def _keep(seed, rows, col0, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``keep`` over ``rows`` x ``[col0, col0 + BLOCK_K)`` (``col0`` and ``BLOCK_K`` multiples of 8).
+
+    Every kernel draws through here, so the order in which the eight 16-bit halves of a draw
+    are spread over its eight columns (whatever ``join``/``reshape`` make of it) is the same
+    everywhere.
+    """
+    groups = (n_cols + 7) // 8
+    counters = rows[:, None] * groups + (col0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counters.to(tl.int32))
+    words = tl.join(tl.join(_halves(w0), _halves(w1)), tl.join(_halves(w2), _halves(w3)))
+    return tl.reshape(words, (BLOCK_M, BLOCK_K)).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dropped_tile(X, seed, rows, col0, n_rows, n_cols, stride_x, threshold, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """The ``[rows, col0:col0 + BLOCK_K]`` tile of ``x * keep`` (zeros outside the matrix)."""
+    cols = col0 + tl.arange(0, BLOCK_K)
     inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-    return tl.where(_keep(seed, rows, cols, n_cols, p), x, 0.0)
+    return tl.where(_keep(seed, rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K), x, 0.0)
 
 
 @triton.jit
@@ -65,16 +86,17 @@ def _rows_by_rank(T, rows, ranks, n_rows, rank, stride):
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _keep_mask_kernel(OUT, SEED, n_rows, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _keep_mask_kernel(OUT, SEED, n_rows, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    keep = _keep(tl.load(SEED), rows, cols, n_cols, p)
+    keep = _keep(tl.load(SEED), rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K)
     tl.store(OUT + rows[:, None] * n_cols + cols[None, :], keep.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride_a, stride_o, p,
+def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride_a, stride_o, threshold,
                          R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
     """``OUT[m, :rank] = sum_k x[m, k] * keep(m, k) * A[:rank, k]`` (fp32 accumulation)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -83,7 +105,7 @@ def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, n_cols, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = _dropped_tile(X, seed, rows, cols, n_rows, n_cols, stride_x, p)
+        x = _dropped_tile(X, seed, rows, k0, n_rows, n_cols, stride_x, threshold, BLOCK_M, BLOCK_K)
         a_inside = (cols < n_cols)[:, None] & (ranks < rank)[None, :]
         a = tl.load(A + ranks[None, :] * stride_a + cols[:, None], mask=a_inside, other=0.0)
         acc = _dot(x, a, acc, DOT_FP32)
@@ -93,11 +115,12 @@ def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride
 
 @triton.jit(do_not_specialize=["n_rows", "rows_per_split"])
 def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, rows_per_split, stride_dxa, stride_x,
-                                stride_split, stride_da, p, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                                stride_split, stride_da, threshold, R: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
     """``DA[split, :rank, k] = sum_m dxa[m, :rank] * x[m, k] * keep(m, k)`` (fp32) for one block of columns, over
     the rows of one split (a multiple of ``BLOCK_M``, so no tile straddles two splits)."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col0 = tl.program_id(0) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
     ranks = tl.arange(0, R)
     seed = tl.load(SEED)
@@ -105,7 +128,7 @@ def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, rows_per
     start = split * rows_per_split
     for m0 in range(start, tl.minimum(start + rows_per_split, n_rows), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        x = _dropped_tile(X, seed, rows, cols, n_rows, n_cols, stride_x, p)
+        x = _dropped_tile(X, seed, rows, col0, n_rows, n_cols, stride_x, threshold, BLOCK_M, BLOCK_K)
         dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
         acc = _dot(tl.trans(dxa.to(x.dtype)), x, acc, DOT_FP32)
     out = DA + split.to(tl.int64) * stride_split + ranks[:, None] * stride_da + cols[None, :]
@@ -113,18 +136,19 @@ def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, rows_per
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dxa, stride_a, stride_dx, p,
+def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dxa, stride_a, stride_dx, threshold,
                                R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                DOT_FP32: tl.constexpr):
     """``DX[m, k] += keep(m, k) * sum_r dxa[m, r] * A[r, k]``, in place."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, R)
     dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
     a = tl.load(A + ranks[:, None] * stride_a + cols[None, :], mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :],
                 other=0.0)
     part = _dot(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
-    part = tl.where(_keep(tl.load(SEED), rows, cols, n_cols, p), part, 0.0)
+    part = tl.where(_keep(tl.load(SEED), rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K), part, 0.0)
     inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     dx = DX + rows[:, None].to(tl.int64) * stride_dx + cols[None, :]
     total = tl.load(dx, mask=inside, other=0.0).to(tl.float32) + part
@@ -137,6 +161,11 @@ def applies(x2: torch.Tensor, rank: int) -> bool:
             and can_launch(_dropped_down_kernel, x2))
 
 
+def keep_threshold(p: float) -> int:
+    """The 16-bit word at or above which an element is kept: keep probability ``1 - p`` to within 2^-17."""
+    return min(65536, max(0, round(p * 65536)))
+
+
 def draw_seed(device: torch.device) -> torch.Tensor:
     """One projection's seed, from torch's generator on ``device`` (replayed by checkpoint recompute)."""
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
@@ -146,10 +175,14 @@ def _rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def _blocks(x2: torch.Tensor, columns: int = 64) -> tuple[int, int]:
-    if x2.is_cuda:
-        return 64, columns
-    return 32, 64  # the interpreter: few programs (each costs milliseconds of Python)
+# (BLOCK_M, BLOCK_K, num_warps) of each kernel on a GPU (benchmarks/gpu/lora_dropout_kernels.py sweeps them);
+# BLOCK_K must be a multiple of 8 (one Philox draw covers eight columns)
+GPU_TILES = {"down": (64, 64, 4), "weight_grad": (64, 32, 4), "input_grad": (64, 64, 4)}
+INTERPRETER_TILES = (32, 64, 4)  # few programs: each costs milliseconds of Python
+
+
+def _tiles(kernel: str, t: torch.Tensor) -> tuple[int, int, int]:
+    return GPU_TILES[kernel] if t.is_cuda else INTERPRETER_TILES
 
 
 # Triton picks the interpreter when a kernel is decorated, so this is known at import
@@ -163,9 +196,9 @@ def _dot_fp32(t: torch.Tensor) -> bool:
 def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch.dtype, device) -> torch.Tensor:
     """The 0/1 mask the kernels draw for ``seed`` over an ``[M, K]`` input (tests and references)."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    block_m, block_k = _blocks(out)
+    block_m, block_k, _ = _tiles("input_grad", out)
     grid = (triton.cdiv(shape[0], block_m), triton.cdiv(shape[1], block_k))
-    _keep_mask_kernel[grid](out, seed, shape[0], shape[1], p, BLOCK_M=block_m, BLOCK_K=block_k)
+    _keep_mask_kernel[grid](out, seed, shape[0], shape[1], keep_threshold(p), BLOCK_M=block_m, BLOCK_K=block_k)
     return out
 
 
@@ -175,10 +208,10 @@ def dropped_down(x2: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float
     rows, cols = x2.shape
     rank = a.shape[0]
     out = x2.new_empty(rows, rank)
-    block_m, block_k = _blocks(x2)
+    block_m, block_k, warps = _tiles("down", x2)
     _dropped_down_kernel[(triton.cdiv(rows, block_m),)](
-        x2, a, out, seed, rows, cols, rank, x2.stride(0), a.stride(0), out.stride(0), p,
-        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2))
+        x2, a, out, seed, rows, cols, rank, x2.stride(0), a.stride(0), out.stride(0), keep_threshold(p),
+        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2), num_warps=warps)
     return out
 
 
@@ -199,7 +232,7 @@ def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor,
     """``dxa^T @ (x2 * keep)``: ``[M, r], [M, K] -> [r, K]`` in fp32 (row ranges summed in a fixed order)."""
     rows, cols = x2.shape
     rank = dxa.shape[1]
-    block_m, block_k = _blocks(x2, columns=32)  # one program per column block and row range: more of them
+    block_m, block_k, warps = _tiles("weight_grad", x2)  # one program per column block and row range
     column_blocks = triton.cdiv(cols, block_k)
     splits = row_splits(rows, column_blocks)
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
@@ -207,7 +240,8 @@ def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor,
     partial = torch.empty(splits, rank, cols, dtype=torch.float32, device=x2.device)
     _dropped_weight_grad_kernel[(column_blocks, splits)](
         dxa, x2, partial, seed, rows, cols, rank, rows_per_split, dxa.stride(0), x2.stride(0), partial.stride(0),
-        partial.stride(1), p, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2))
+        partial.stride(1), keep_threshold(p), R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_FP32=_dot_fp32(x2), num_warps=warps)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -221,11 +255,11 @@ def add_dropped_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor,
     """``dx += (dxa @ a) * keep`` in place: ``[M, K] += [M, r] x [r, K]``."""
     rows, cols = dx.shape
     rank = a.shape[0]
-    block_m, block_k = _blocks(dx)
+    block_m, block_k, warps = _tiles("input_grad", dx)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
     _dropped_input_grad_kernel[grid](
-        dxa, a, dx, seed, rows, cols, rank, dxa.stride(0), a.stride(0), dx.stride(0), p,
-        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(dx))
+        dxa, a, dx, seed, rows, cols, rank, dxa.stride(0), a.stride(0), dx.stride(0), keep_threshold(p),
+        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(dx), num_warps=warps)
 
 
 @add_dropped_input_grad.register_fake
