@@ -9,7 +9,11 @@
 set -u
 START=$(date +%s)
 [ -n "${NO_SETUP:-}" ] || source benchmarks/gpu/setup_device.sh || exit 1  # NO_SETUP: the caller sourced it
-mkdir -p "$OUT"; DETAILS=/tmp/e2e-details-$WORKLOAD
+# per GPU lane: two lanes of one call on the same workload shared /tmp/bench-P, and --resume let the second reuse the
+# first's cells (s15c3)
+LANE=${CUDA_VISIBLE_DEVICES:+-gpu${CUDA_VISIBLE_DEVICES//,/_}}
+BENCH=/tmp/bench-$WORKLOAD$LANE
+mkdir -p "$OUT"; DETAILS=/tmp/e2e-details-$WORKLOAD$LANE
 rm -rf $DETAILS; mkdir -p $DETAILS
 python3 -c "from fmsaccel_cli.models import materialize; print(materialize('llama3-8b'))" 2>&1 | tail -1
 export FMSACCEL_PROFILE=1
@@ -19,7 +23,7 @@ LEFT=$(( ${CALL_S:-590} - ($(date +%s) - START) - 20 - ${VARIANT_TIMEOUT:-0} ))
 BENCH_TIMEOUT=$(( ${BENCH_TIMEOUT:-$LEFT} < LEFT ? ${BENCH_TIMEOUT:-$LEFT} : LEFT ))
 echo "setup took $(( $(date +%s) - START )) s; the bench gets ${BENCH_TIMEOUT} s"
 timeout ${BENCH_TIMEOUT} fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$RECIPES" \
-  --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out /tmp/bench-$WORKLOAD --timeout 240 --resume \
+  --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out $BENCH --timeout 240 --resume \
   ${EXTRA:-} 2>&1 | grep -vE "^\s*$" | tail -20
 # collect DIR NAME: a bench folder's results, and from its cell logs (a cell that dies before its first step leaves
 # no row, only its log) the plugin lines and errors, and Dynamo's recompiles
@@ -29,8 +33,8 @@ collect() {
     > $DETAILS/logs-$2.txt
   for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done > $DETAILS/recompiles-$2.txt
 }
-collect /tmp/bench-$WORKLOAD $WORKLOAD
-for f in $(find /tmp/bench-$WORKLOAD -name profile.txt); do echo "=== $f"; cat "$f"; done > $DETAILS/profiles-$WORKLOAD.txt
+collect $BENCH $WORKLOAD
+for f in $(find $BENCH -name profile.txt); do echo "=== $f"; cat "$f"; done > $DETAILS/profiles-$WORKLOAD.txt
 # Variants (VARIANT_RECIPES set): the same workload on the same machine, once per entry of
 # VARIANTS="label=set:KEY=VALUE label2=env:NAME=VALUE ...": --set options for the run (several joined by +), or an
 # environment variable, e.g. compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model
@@ -51,7 +55,7 @@ if [ -n "${VARIANT_RECIPES:-}" ]; then
       env:*) envs+=("${spec#env:}") ;;
       *) echo "variant $label: '$spec' is neither set:KEY=VALUE nor env:NAME=VALUE"; continue ;;
     esac
-    dir=/tmp/bench-$WORKLOAD-$label
+    dir=$BENCH-$label
     echo "variant $label ($spec): ${limit} s"
     timeout $limit env "${envs[@]}" fmsaccel bench --matrix benchmarks/scenarios.yaml --recipes "$VARIANT_RECIPES" \
       --data workload:$WORKLOAD --effective-batch-size 4 --num-gpus 1 --out $dir --resume \
