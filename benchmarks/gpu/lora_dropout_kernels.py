@@ -6,7 +6,10 @@ At P (4 x 4096 tokens, hidden 4096, r=16, p=0.1) each LoRA projection reads or w
 it replaces (a ``bernoulli_`` mask kept in bf16 and its multiplies) and of the memory floor
 (the same bytes at the copy bandwidth measured here), so one run says whether a kernel is
 bandwidth-bound or spends its time in the random draws. ``rng`` rows time the draws alone:
-one Philox per element (what the kernels do) and one per four elements.
+one Philox per element (the kernels until s15c1) and one per four elements (the kernels now
+take one per eight, 16 bits an element). ``tiles`` rows sweep each kernel's
+``(BLOCK_M, BLOCK_K, num_warps)`` (``lora_dropout.GPU_TILES``), the shipped tiles first.
+Every time is GPU time: the calls are replayed from a CUDA graph.
 
     python benchmarks/gpu/lora_dropout_kernels.py            # needs a CUDA device
 """
@@ -55,13 +58,30 @@ def _count_keep4_kernel(OUT, seed, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl
 
 
 def timed(fn, iters=20) -> float:
+    """GPU milliseconds a call, from ``iters`` calls replayed as one CUDA graph.
+
+    Eager launches of a ~0.1 ms kernel through a custom op are paced by the host: s15c2 and s15c3 timed the same
+    tiles 20-40 % apart that way. The graph leaves only the GPU's time (eager events if capture fails)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        run = graph.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(iters):
+                fn()
     start.record()
-    for _ in range(iters):
-        fn()
+    run()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
