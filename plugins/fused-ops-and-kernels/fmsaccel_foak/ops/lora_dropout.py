@@ -177,7 +177,8 @@ def _rank_block(rank: int) -> int:
 
 # (BLOCK_M, BLOCK_K, num_warps) of each kernel on a GPU (benchmarks/gpu/lora_dropout_kernels.py sweeps them);
 # BLOCK_K must be a multiple of 8 (one Philox draw covers eight columns)
-# (s15c2, H200, workload P: 0.085 / 0.094 / 0.110 ms against 0.107 / 0.155 / 0.115 for the earlier 64 x 64|32 x 4 tiles)
+# (s15c2's sweep, H200, workload P; timed from CUDA graphs in s15c4: 0.073 / 0.085 / 0.091 ms, none of the others
+# more than 8 % faster)
 GPU_TILES = {"down": (64, 128, 8), "weight_grad": (128, 64, 4), "input_grad": (32, 128, 4)}
 INTERPRETER_TILES = (32, 64, 4)  # few programs: each costs milliseconds of Python
 
