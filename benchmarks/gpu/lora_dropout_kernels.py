@@ -6,8 +6,8 @@ At P (4 x 4096 tokens, hidden 4096, r=16, p=0.1) each LoRA projection reads or w
 it replaces (a ``bernoulli_`` mask kept in bf16 and its multiplies) and of the memory floor
 (the same bytes at the copy bandwidth measured here), so one run says whether a kernel is
 bandwidth-bound or spends its time in the random draws. ``rng`` rows time the draws alone:
-one Philox per element (the kernels until s15c1) and one per four elements (the kernels now
-take one per eight, 16 bits an element). ``tiles`` rows sweep each kernel's
+one Philox per element (the kernels until s15c1) and the kernels' own draw (``lora_dropout._keep``:
+one per eight elements, 16 bits an element). ``tiles`` rows sweep each kernel's
 ``(BLOCK_M, BLOCK_K, num_warps)`` (``lora_dropout.GPU_TILES``), the shipped tiles first.
 Every time is GPU time: the calls are replayed from a CUDA graph.
 
@@ -46,14 +46,12 @@ def _count_keep_kernel(OUT, seed, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def _count_keep4_kernel(OUT, seed, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _count_kernels_keep(OUT, seed, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     total = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, n_cols, BLOCK_K):
-        quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        r0, r1, r2, r3 = tl.rand4x(seed, (rows[:, None] * (n_cols // 4) + quads[None, :]).to(tl.int32))
-        total += tl.sum((r0 >= p).to(tl.int32) + (r1 >= p).to(tl.int32) + (r2 >= p).to(tl.int32)
-                        + (r3 >= p).to(tl.int32), axis=1)
+        keep = lora_dropout._keep(seed, rows, k0, n_cols, threshold, BLOCK_M, BLOCK_K)
+        total += tl.sum(keep.to(tl.int32), axis=1)
     tl.store(OUT + rows, total)
 
 
@@ -141,10 +139,11 @@ def main() -> int:
     counts = torch.empty(M, device=dev, dtype=torch.int32)
     one = timed(lambda: _count_keep_kernel[(M // 64,)](counts, 1234, K, P, BLOCK_M=64, BLOCK_K=64))
     kept_one = counts.float().mean().item() / K
-    four = timed(lambda: _count_keep4_kernel[(M // 64,)](counts, 1234, K, P, BLOCK_M=64, BLOCK_K=64))
-    kept_four = counts.float().mean().item() / K
-    print(f"rng alone: one Philox an element {one:.3f} ms (kept {kept_one:.4f}), one per four {four:.3f} ms "
-          f"(kept {kept_four:.4f})")
+    eight = timed(lambda: _count_kernels_keep[(M // 64,)](counts, 1234, K, lora_dropout.keep_threshold(P),
+                                                          BLOCK_M=64, BLOCK_K=64))
+    kept_eight = counts.float().mean().item() / K
+    print(f"rng alone: one Philox an element {one:.3f} ms (kept {kept_one:.4f}), the kernels' one per eight "
+          f"{eight:.3f} ms (kept {kept_eight:.4f})")
     return 0
 
 

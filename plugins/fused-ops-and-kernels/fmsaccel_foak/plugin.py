@@ -46,12 +46,10 @@ class FusedOpsPlugin(AccelerationPlugin):
             raise PluginError(f"configure fused_ops_and_kernels under exactly one of: {', '.join(PATHS)}")
         self.keys = config[active[0]]
         self.requested = [k for k in ORDER if self.keys[k]]
-        if self.keys["fp8_matmul"] and not self.keys["fused_lora"]:
-            raise PluginError(f"plugins.{active[0]}.fp8_matmul runs the fused LoRA op's base matmuls in FP8: it "
-                              "needs fused_lora: true")
-        if self.keys["dropout_in_kernel"] and not self.keys["fused_lora"]:
-            raise PluginError(f"plugins.{active[0]}.dropout_in_kernel draws the fused LoRA op's dropout in its "
-                              "kernels: it needs fused_lora: true")
+        for key, what in (("fp8_matmul", "runs the fused LoRA op's base matmuls in FP8"),
+                          ("dropout_in_kernel", "draws the fused LoRA op's dropout in its kernels")):
+            if self.keys[key] and not self.keys["fused_lora"]:
+                raise PluginError(f"plugins.{active[0]}.{key} {what}: it needs fused_lora: true")
         if self.keys["cuda_graphs"] and not self.keys["compile_layers"]:
             raise PluginError(f"plugins.{active[0]}.cuda_graphs replays the compiled decoder: it needs "
                               "compile_layers: true or model")

@@ -41,3 +41,13 @@ def test_applies_only_where_it_pays(monkeypatch):
     assert fp8.applies(x)
     assert not fp8.applies(x[:-1])  # too few tokens
     assert not fp8.applies(torch.zeros(fp8.MIN_ROWS, 60, dtype=torch.bfloat16))  # width not a multiple of 16
+
+
+def test_fp8_matmul_needs_fused_lora():
+    from foak_testing import build_plugin
+
+    from fmsaccel_framework.plugin import PluginError
+
+    with pytest.raises(PluginError, match="fp8_matmul runs the fused LoRA op's base matmuls in FP8: it needs "
+                                          "fused_lora: true"):
+        build_plugin("peft.quantization.fused_ops_and_kernels", fp8_matmul=True, fast_rms_layernorm=True)

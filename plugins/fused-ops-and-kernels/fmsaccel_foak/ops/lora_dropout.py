@@ -34,7 +34,7 @@ from fmsaccel_framework.triton_utils import exact_fp32_dot, is_interpreted
 
 from ..runtime import can_launch
 
-MAX_ELEMENTS = 2**31 - 1  # element indices are int32 Philox counters
+MAX_ELEMENTS = 2**31 - 1  # the Philox counters and keep_mask's element offsets are int32
 TARGET_PROGRAMS = 512  # the weight gradient's grid: about four programs per SM of an H100 (132)
 SPLIT_MIN_ROWS = 2048  # rows a weight-gradient program walks at least (fewer: partial sums cost more than they save)
 
