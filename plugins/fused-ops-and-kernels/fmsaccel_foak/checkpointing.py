@@ -10,7 +10,13 @@ early-stopping recompute never reruns the layer's last matmul.
 Applied per decoder layer by wrapping the checkpoint function transformers installs
 when gradient checkpointing is turned on (whoever turns it on, whenever), with a
 torch selective-checkpoint policy; it needs non-reentrant checkpointing (the
-transformers default).
+transformers default). The same wrapper marks every recompute (:func:`recomputing`),
+so the fused MLP can leave out what only the forward needs.
+
+Unchecked last layers (``uncheckpointed_layers``): the backward starts with the last
+layer, so its recompute would run first, right after the forward; run unchecked, its
+activations take the place of that recompute's, and are freed before any other layer
+recomputes. One such layer costs about no peak memory.
 
 Budget (``activation_budget_gib``): padding-free steps vary in length several-fold, and
 full checkpointing is sized for the longest. Before each forward, the last decoder
@@ -23,8 +29,10 @@ and a recomputed layer never coexist.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 
 import torch
 from torch import nn
@@ -57,35 +65,90 @@ def keep_attention_policy(ops: set):
     return policy
 
 
+_state = threading.local()
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer's forward reruns in the backward (through :func:`install_checkpoint_contexts`).
+
+    What the rerun computes is only kept where it refills a tensor saved for the backward;
+    the fused MLP uses this to skip work whose result nothing saved depends on.
+    """
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _marking_recompute():
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+@contextlib.contextmanager
+def _marked(recompute):
+    with recompute, _marking_recompute():
+        yield
+
+
+def _contexts(policy_ops: set | None):
+    """A checkpoint ``context_fn``: marks the recompute, and keeps ``policy_ops``' outputs when given (selective)."""
+
+    def context_fn():
+        if policy_ops is None:
+            return contextlib.nullcontext(), _marking_recompute()
+        forward, recompute = create_selective_checkpoint_contexts(keep_attention_policy(policy_ops))
+        return forward, _marked(recompute)
+
+    return context_fn
+
+
 def _wrap(checkpoint_fn, context_fn):
-    keywords = getattr(checkpoint_fn, "keywords", {}) or {}
+    """``checkpoint_fn`` with ``context_fn``, or None where that cannot apply.
+
+    Only torch's own checkpoint, non-reentrant, without a context_fn already chosen (which is
+    respected): reentrant checkpointing takes no contexts, and another plugin's (or a compiled
+    layer's) checkpoint function is left as it is.
+    """
+    if not (isinstance(checkpoint_fn, functools.partial) and checkpoint_fn.func is torch.utils.checkpoint.checkpoint):
+        return None
+    keywords = checkpoint_fn.keywords or {}
     if keywords.get("use_reentrant", False) or "context_fn" in keywords:
-        return None  # reentrant checkpointing cannot be selective; a context_fn already chosen is respected
+        return None
     wrapped = functools.partial(checkpoint_fn, context_fn=context_fn)
-    wrapped._foak_selective = True
+    wrapped._foak_wrapped = True
     return wrapped
 
 
-def enable_selective_checkpointing(backbone: nn.Module) -> None:
-    """From the next forward on, every checkpointed layer of ``backbone`` keeps its attention outputs."""
-    context_fn = functools.partial(create_selective_checkpoint_contexts, keep_attention_policy(attention_ops()))
+def install_checkpoint_contexts(backbone: nn.Module, selective_layers: list[nn.Module] = ()) -> None:
+    """From the next forward on, every checkpointed layer of ``backbone`` marks its recompute (:func:`recomputing`).
+
+    ``selective_layers`` also keep their attention outputs (selective checkpointing). Installed
+    at each forward because transformers sets the layers' checkpoint function whenever
+    checkpointing is turned on, by whoever. Where the function cannot take contexts, the
+    layers keep it; a warning says so when selective checkpointing was asked for.
+    """
+    selective = {id(layer) for layer in selective_layers}
+    marked, kept = _contexts(None), _contexts(attention_ops()) if selective else None
     warned = []
 
     def pre_hook(module, args):
         for layer in module.modules():
             fn = layer.__dict__.get("_gradient_checkpointing_func")
-            if fn is None or getattr(fn, "_foak_selective", False) or getattr(fn, "_foak_declined", False):
+            if fn is None or getattr(fn, "_foak_wrapped", False) or getattr(fn, "_foak_declined", False):
                 continue
-            wrapped = _wrap(fn, context_fn)
+            wrapped = _wrap(fn, kept if id(layer) in selective else marked)
             if wrapped is None:
-                if not warned:
+                if selective and not warned:
                     warned.append(True)
-                    logger.warning("fmsaccel_foak: selective checkpointing needs non-reentrant checkpointing "
+                    logger.warning("fmsaccel_foak: selective checkpointing needs torch's non-reentrant checkpointing "
                                    "without another context_fn; keeping full checkpointing")
                 fn = functools.partial(fn)
                 fn._foak_declined = True
                 layer._gradient_checkpointing_func = fn
                 continue
+            wrapped._foak_selective = id(layer) in selective
             layer._gradient_checkpointing_func = wrapped
 
     backbone.register_forward_pre_hook(pre_hook)
@@ -124,8 +187,10 @@ def layers_to_keep(n_layers: int, tokens: int, budget_bytes: int, bytes_per_toke
 
 
 def enable_activation_budget(decoder: nn.Module, layers: list[nn.Module], budget_bytes: int,
-                             bytes_per_token: int) -> None:
+                             bytes_per_token: int, always: int = 0) -> None:
     """Before each training forward of ``decoder``, un-checkpoint the last layers that fit in ``budget_bytes``.
+
+    At least the last ``always`` layers, whatever the step's length (``uncheckpointed_layers``).
 
     Acts on the layers transformers checkpoints (their ``gradient_checkpointing`` flag) and
     turns the ones it released back on at the next forward, unless checkpointing was turned
@@ -152,7 +217,8 @@ def enable_activation_budget(decoder: nn.Module, layers: list[nn.Module], budget
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         tokens = ids.numel() if ids is not None else kwargs["inputs_embeds"][..., 0].numel()
-        keep = layers_to_keep(len(checkpointed), tokens, budget_bytes, bytes_per_token)
+        keep = max(min(always, len(checkpointed)),
+                   layers_to_keep(len(checkpointed), tokens, budget_bytes, bytes_per_token))
         for layer in checkpointed[len(checkpointed) - keep:]:
             set_checkpointing(layer, False)
             released.append(layer)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .checkpointing import recomputing
 
 
 # --- RMSNorm -------------------------------------------------------------------------------------------------------
@@ -119,7 +120,10 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
 
     The down projection never keeps its dequantised weight: under checkpointing that
     saved copy would force the recompute to run the layer's last matmul, which
-    otherwise is skipped (nothing after it is needed for the backward).
+    otherwise is skipped (nothing after it is needed for the backward). For the same
+    reason the recompute does not compute the SwiGLU output unless a later op saves it
+    (a LoRA on ``down_proj``), and the SwiGLU backward writes its gradients over the
+    ``gate`` and ``up`` it saved, which only it reads.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +131,11 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
         if not all(fusable(p) for p in layers):
             return type(self).forward(self, x)
         gate, up = ops.fused_lora(x, layers[:2], keep_weights and self._foak_keep_weights, **op_options)
-        hidden = ops.swiglu(gate, up) if fast_swiglu else self.act_fn(gate) * up
+        if fast_swiglu:
+            eager = not torch.compiler.is_compiling()  # compiled graphs plan their own buffers and recompute
+            hidden = ops.swiglu(gate, up, grads_in_place=eager, output_if_recompute_goes_on=eager and recomputing())
+        else:
+            hidden = self.act_fn(gate) * up
         return ops.fused_lora(hidden, layers[2:], keep_weights=False, **op_options)[0]
 
     return forward

@@ -57,6 +57,9 @@ class FusedOpsPlugin(AccelerationPlugin):
             raise PluginError(f"plugins.{active[0]}.checkpoint_in_graph moves each layer's checkpoint into its "
                               "compiled region: it needs compile_layers: true (with 'model' the checkpoints are "
                               "inside the one region already)")
+        for key in ("selective_checkpointing", "uncheckpointed_layers"):
+            if self.keys[key] is not True and self.keys[key] < 0:
+                raise PluginError(f"plugins.{active[0]}.{key} counts decoder layers: 0 or more, not {self.keys[key]}")
         budget = self.keys["activation_budget_gib"]
         if budget is not None and budget <= 0:
             raise PluginError(f"plugins.{active[0]}.activation_budget_gib must be a positive number of GiB (or "
@@ -130,40 +133,56 @@ class FusedOpsPlugin(AccelerationPlugin):
                 self._shard_vocabulary(base, ctx)
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
-        if self.requested and self.keys["selective_checkpointing"] and ctx.args.get("gradient_checkpointing"):
-            from .checkpointing import enable_selective_checkpointing
-
-            enable_selective_checkpointing(base.base_model)
-            ctx.report.add(self.name, "gradient checkpointing -> selective (attention outputs kept)", 1)
-        if self.keys["activation_budget_gib"] is not None:
+        if self.requested and ctx.args.get("gradient_checkpointing") and not self.keys["compile_layers"]:
+            self._checkpoint_contexts(base, ctx)
+        if self.keys["activation_budget_gib"] is not None or self.keys["uncheckpointed_layers"]:
             self._budget_checkpointing(base, ctx)
+
+    def _checkpoint_contexts(self, base, ctx: TrainContext) -> None:
+        """Mark each layer's recompute (the fused MLP skips its unused SwiGLU output); selective where asked."""
+        from fmsaccel_framework.compiling import decoder_layers
+
+        from .checkpointing import install_checkpoint_contexts
+
+        layers, selective = decoder_layers(base), self.keys["selective_checkpointing"]
+        checkpointed = layers[: max(len(layers) - self.keys["uncheckpointed_layers"], 0)]
+        chosen = checkpointed if selective is True else checkpointed[len(checkpointed) - int(selective):]
+        install_checkpoint_contexts(base.base_model, chosen)
+        if chosen:
+            ctx.report.add(self.name, f"gradient checkpointing -> selective (attention outputs kept) in {len(chosen)} "
+                                      f"of {len(layers)} layers", 1)
 
     def _budget_checkpointing(self, base, ctx: TrainContext) -> None:
         from fmsaccel_framework.compiling import decoder_layers
 
         from .checkpointing import enable_activation_budget, layers_to_keep, saved_bytes_per_token
 
-        budget = self.keys["activation_budget_gib"]
+        budget, always = self.keys["activation_budget_gib"], self.keys["uncheckpointed_layers"]
+        keys = " and ".join(k for k, v in (("activation_budget_gib", budget), ("uncheckpointed_layers", always)) if v)
         if not ctx.args.get("gradient_checkpointing"):
             # the padding-free foak recipes set a budget for checkpointed runs; `fmsaccel run`'s default is off
-            ctx.report.note(self.name, "activation_budget_gib unused: gradient checkpointing is off, so every layer "
-                                       "keeps its activations already")
+            ctx.report.note(self.name, f"{keys} unused: gradient checkpointing is off, so every layer keeps its "
+                                       "activations already")
             return
         if ctx.fsdp_checkpoints_layers:
-            ctx.report.note(self.name, "activation_budget_gib unused under FSDP: FSDP checkpoints every decoder "
-                                       "layer itself")
+            ctx.report.note(self.name, f"{keys} unused under FSDP: FSDP checkpoints every decoder layer itself")
             return
         layers = decoder_layers(base)
         if not layers:
-            raise PluginError(f"activation_budget_gib: {type(base).__name__} has no checkpointable decoder layers")
+            raise PluginError(f"{keys}: {type(base).__name__} has no checkpointable decoder layers")
         per_token = saved_bytes_per_token(base.config, dropout_masks=not self.keys["dropout_in_kernel"])
-        budget_bytes = int(budget * 2**30)
-        example = ", ".join(f"{layers_to_keep(len(layers), n, budget_bytes, per_token)} at {n:,}"
-                            for n in (512, 2048, 8192))
-        ctx.report.add(self.name, f"gradient checkpointing -> up to {budget:g} GiB of activations kept, the last "
-                                  f"layers unchecked per step (~{per_token / 1024:.0f} KiB a token and layer: of "
-                                  f"{len(layers)} layers, {example} tokens)", 1)
-        enable_activation_budget(base.get_decoder(), layers, budget_bytes, per_token)
+        budget_bytes = int((budget or 0) * 2**30)
+        if always:
+            ctx.report.add(self.name, f"gradient checkpointing -> the last {min(always, len(layers))} of "
+                                      f"{len(layers)} layers never checkpointed", 1)
+        if budget:
+            floor = min(always, len(layers))
+            example = ", ".join(f"{max(floor, layers_to_keep(len(layers), n, budget_bytes, per_token))} at {n:,}"
+                                for n in (512, 2048, 8192))
+            ctx.report.add(self.name, f"gradient checkpointing -> up to {budget:g} GiB of activations kept, the last "
+                                      f"layers unchecked per step (~{per_token / 1024:.0f} KiB a token and layer: of "
+                                      f"{len(layers)} layers, {example} tokens)", 1)
+        enable_activation_budget(base.get_decoder(), layers, budget_bytes, per_token, always)
 
     def _shard_vocabulary(self, base, ctx: TrainContext) -> None:
         """Under FSDP, split a frozen lm_head and input embedding by vocabulary instead of letting FSDP gather them.

@@ -29,9 +29,14 @@ _KEYS = {
                                      help="with compile_layers true, each layer checkpoints inside its compiled "
                                           "region: one compiled forward call per layer and step, the recompute in "
                                           "the backward graph (always so with cuda_graphs)"),
-    "selective_checkpointing": ConfigKey(bool, default=False,
+    "selective_checkpointing": ConfigKey((bool, int), default=False,
                                          help="under gradient checkpointing, keep attention outputs (memory and "
-                                              "per-op CPU time for less recompute: long sequences only)"),
+                                              "per-op CPU time for less recompute: long sequences only); true for "
+                                              "every layer, N for the last N checkpointed ones"),
+    "uncheckpointed_layers": ConfigKey(int, default=0,
+                                       help="under gradient checkpointing, the last N decoder layers are never "
+                                            "checkpointed; the last one costs about no peak memory (its activations "
+                                            "stand in for its recompute's)"),
     "activation_budget_gib": ConfigKey((int, float, type(None)), default=None,
                                        help="under gradient checkpointing, each step runs its last decoder layers "
                                             "unchecked while their activations fit in this many GiB: short "

@@ -73,6 +73,30 @@ def test_short_steps_run_their_last_layers_unchecked_with_the_same_gradients(bas
             torch.testing.assert_close(got[name], want[name], msg=name)
 
 
+@pytest.mark.parametrize("budget", [None, 1e-9])
+def test_uncheckpointed_layers_run_unchecked_every_step(budget):
+    """``uncheckpointed_layers``: the last layers whatever the length; a budget can add more, never fewer."""
+    model, ctx = _model(uncheckpointed_layers=1, activation_budget_gib=budget)
+    full, _ = _model()
+    assert "the last 1 of 4 layers never checkpointed" in "\n".join(ctx.report.lines())
+    seen = _record_checkpointing(model)
+    for lengths in ((25, 15), (50, 30)):
+        seen.clear()
+        batch = _batch(lengths)
+        got_loss, got = train_step(model, batch)
+        want_loss, want = train_step(full, batch)
+        assert seen == [True, True, True, False], lengths
+        torch.testing.assert_close(got_loss, want_loss)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+def test_negative_layer_counts_are_refused():
+    for key in ("uncheckpointed_layers", "selective_checkpointing"):
+        with pytest.raises(PluginError, match=f"{key} counts decoder layers"):
+            build_plugin("training.fused_ops_and_kernels", **{key: -1})
+
+
 def test_evaluation_and_disabled_checkpointing_are_left_alone():
     per_token = saved_bytes_per_token(tiny_model("llama").config)
     model, _ = _model(activation_budget_gib=100 * 40 * per_token / 2**30)  # every layer fits

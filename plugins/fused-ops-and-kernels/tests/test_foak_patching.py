@@ -191,6 +191,41 @@ def test_selective_checkpointing_keeps_gradients(base_layer):
     assert all(getattr(layer._gradient_checkpointing_func, "_foak_selective", False) for layer in layers)
 
 
+@pytest.mark.parametrize("base_layer,mlp_lora,selective,runs", [
+    ("bitsandbytes", [], False, 1), ("auto_gptq", [], 1, 1),
+    (None, ["gate_proj", "up_proj"], False, 1),  # bf16: down_proj's own weight is not a saved tensor
+    ("bitsandbytes", ["down_proj"], False, 2),  # down_proj's LoRA saves the SwiGLU output
+])
+def test_recompute_leaves_out_the_swiglu_output_nothing_saves(base_layer, mlp_lora, selective, runs, monkeypatch):
+    """Checkpointed, the SwiGLU kernel runs once per layer: the recompute ends at its saved gate and up.
+
+    Where a later op saves the SwiGLU output, the recompute computes it too. Either way the
+    gradients are the unpatched model's; selective checkpointing (here in the last layer
+    only) replays the same ops.
+    """
+    import importlib
+
+    swiglu_op = importlib.import_module("fmsaccel_foak.ops.swiglu")  # the module (ops.swiglu is the function)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", *mlp_lora]
+    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets)
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    ctx = TrainContext(args={"gradient_checkpointing": True})
+    plugin = build(base_layer=base_layer, fused_lora=True, selective_checkpointing=selective, **ALL_KERNELS)
+    model = plugin.augment(model, ctx)
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    launches = []
+    original = swiglu_op._launch_forward
+    monkeypatch.setattr(swiglu_op, "_launch_forward", lambda *a: launches.append(1) or original(*a))
+    _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5)
+    layers = model.get_base_model().model.layers
+    assert len(launches) == len(layers) * runs
+    assert [layer._gradient_checkpointing_func._foak_selective for layer in layers] == (
+        [False, True] if selective else [False, False])
+
+
 def test_report_lists_every_replacement():
     model = _lora(quantize_decoder(tiny_model("llama"), "bitsandbytes"), ["q_proj", "k_proj", "v_proj", "o_proj"])
     ctx = TrainContext(args={})

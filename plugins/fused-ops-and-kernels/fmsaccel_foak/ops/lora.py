@@ -77,19 +77,13 @@ class _FusedLoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         ctx.fp8 = fp8 and fp8_ops.applies(x2)
         x_fp8 = fp8_ops.QuantizedInput(x2) if ctx.fp8 else None  # quantised once for all projections
-        outputs, masks, products, kept, in_kernel = [], [], [], [], []
+        outputs, masks, products, kept, in_kernel, own_weights = [], [], [], [], [], []
         weights = iter(lora_weights)
         for proj in projections:
             w = dequantize_base_weight(proj.base, dtype)
             bias = None if proj.base.bias is None else proj.base.bias.to(dtype)
-            if x_fp8 is not None and w.shape[0] % 16 == 0:
-                y = fp8_ops.linear(x_fp8, w, dtype)
-                if bias is not None:
-                    y.add_(bias)
-            else:
-                y = F.linear(x2, w, bias)
-            kept.append(w if keep_weights or not is_quantized(proj.base) else None)
-            del w  # else it stays alive while the next projection's weight is dequantised (117 MiB at 8B's MLP)
+            fp8_here = x_fp8 is not None and w.shape[0] % 16 == 0
+            update = None
             if proj.has_lora:
                 a, b = next(weights).to(dtype), next(weights).to(dtype)
                 drawn_in_kernel = bool(proj.dropout) and dropout_in_kernel and lora_dropout.applies(x2, a.shape[0])
@@ -100,12 +94,28 @@ class _FusedLoRA(torch.autograd.Function):
                     mask = dropout_mask(x2, proj.dropout) if proj.dropout else None
                     xa = (x2 * mask if mask is not None else x2) @ a.t()
                 in_kernel.append(drawn_in_kernel)
-                y.addmm_(xa, b.t(), alpha=proj.scaling / (1.0 - proj.dropout))
                 masks.append(mask)
                 products.append(xa)
+                update = _low_rank_update(xa, b, proj.scaling / (1.0 - proj.dropout), None if fp8_here else bias)
+            if fp8_here:
+                y = fp8_ops.linear(x_fp8, w, dtype)
+                if bias is not None:
+                    y.add_(bias)
+                if update is not None:
+                    y.add_(update)
+            elif update is not None:  # the base product accumulates onto the update: no extra pass over y
+                y = update.addmm_(x2, w.t())
+            else:
+                y = F.linear(x2, w, bias)
+            # a weight used as it is (not dequantised or cast) is the module's own and lives on ctx: a saved tensor
+            # would make the checkpoint recompute run this product again (early stop waits for every saved tensor)
+            own = w is getattr(proj.base, "weight", None)
+            own_weights.append(w if own else None)
+            kept.append(w if not own and (keep_weights or not is_quantized(proj.base)) else None)
+            del w  # else it stays alive while the next projection's weight is dequantised (117 MiB at 8B's MLP)
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.projections, ctx.dtype, ctx.x_dtype = projections, dtype, x.dtype
-        ctx.in_kernel = in_kernel
+        ctx.in_kernel, ctx.own_weights = in_kernel, own_weights
         has_lora = any(p.has_lora for p in projections)
         ctx.save_for_backward(x2 if has_lora else None, *lora_weights, *masks, *products, *kept)
         return tuple(outputs)
@@ -122,7 +132,8 @@ class _FusedLoRA(torch.autograd.Function):
         dx = None
         lora_grads: list[torch.Tensor | None] = []
         i_lora = 0
-        for proj, grad, w in zip(projections, grads, kept, strict=True):
+        for proj, grad, saved_w, own_w in zip(projections, grads, kept, ctx.own_weights, strict=True):
+            w = saved_w if saved_w is not None else own_w
             if proj.has_lora:
                 a_param, b_param = lora_weights[2 * i_lora], lora_weights[2 * i_lora + 1]
                 mask, xa, seeded = masks[i_lora], products[i_lora], ctx.in_kernel[i_lora]
@@ -163,6 +174,18 @@ class _FusedLoRA(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(*_input_shape(grads, dx.shape[-1])).to(ctx.x_dtype)
         return (dx, None, None, None, None, *lora_grads)
+
+
+def _low_rank_update(xa: torch.Tensor, b: torch.Tensor, alpha: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``alpha * xa @ b^T (+ bias)``, a fresh ``[tokens, out]`` tensor for the base matmul to accumulate onto.
+
+    The base product then adds itself in its own epilogue (``beta = 1``), instead of a
+    second kernel reading and writing the full output again to add the rank-``r`` term.
+    """
+    if bias is None:
+        out = torch.empty((xa.shape[0], b.shape[0]), dtype=xa.dtype, device=xa.device)
+        return torch.addmm(out, xa, b.t(), beta=0, alpha=alpha, out=out)
+    return torch.addmm(bias, xa, b.t(), alpha=alpha)
 
 
 def _input_shape(grads, features: int) -> tuple[int, ...]:

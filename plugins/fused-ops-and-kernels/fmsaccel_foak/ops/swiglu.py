@@ -58,12 +58,19 @@ def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)), block_m, block_n
 
 
-def _forward(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
-    n_rows, n_cols = u2.shape
-    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(g2.dtype, u2.dtype), device=g2.device)
+def _empty_output(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    return torch.empty(u2.shape, dtype=torch.promote_types(g2.dtype, u2.dtype), device=g2.device)
+
+
+def _launch_forward(g, u, y, n_rows: int, n_cols: int, stride_g: int, stride_u: int, stride_y: int) -> None:
     grid, block_m, block_n = _grid(n_rows, n_cols)
-    _swiglu_fwd_kernel[grid](g2, u2, y, n_rows, n_cols, g2.stride(0), u2.stride(0), y.stride(0),
+    _swiglu_fwd_kernel[grid](g, u, y, n_rows, n_cols, stride_g, stride_u, stride_y,
                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m * block_n))
+
+
+def _forward(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    y = _empty_output(g2, u2)
+    _launch_forward(g2, u2, y, *u2.shape, g2.stride(0), u2.stride(0), y.stride(0))
     return y
 
 
@@ -77,19 +84,22 @@ def _backward(dy2, g2, u2, dg2, du2) -> None:
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, output_deferred: bool, grads_in_place: bool):
         n = gate.shape[-1]
         g2, u2 = _rows(gate, n), _rows(up, n)
         ctx.save_for_backward(g2, u2)
         ctx.shapes = (gate.shape, up.shape)
-        return _forward(g2, u2).view(*gate.shape)
+        ctx.grads_in_place = grads_in_place
+        y = _empty_output(g2, u2) if output_deferred else _forward(g2, u2)
+        return y.view(*gate.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         g2, u2 = ctx.saved_tensors
-        dg2, du2 = torch.empty_like(g2), torch.empty_like(u2)
+        # in place: each element's gate and up are read before its gradients are written over them
+        dg2, du2 = (g2, u2) if ctx.grads_in_place else (torch.empty_like(g2), torch.empty_like(u2))
         _backward(_rows(dy, g2.shape[1]), g2, u2, dg2, du2)
-        return dg2.view(ctx.shapes[0]), du2.view(ctx.shapes[1])
+        return dg2.view(ctx.shapes[0]), du2.view(ctx.shapes[1]), None, None
 
 
 class _SwiGLUPacked(torch.autograd.Function):
@@ -110,11 +120,28 @@ class _SwiGLUPacked(torch.autograd.Function):
         return grad.view(ctx.shape)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (same shapes)."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, grads_in_place: bool = False,
+           output_if_recompute_goes_on: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` (same shapes).
+
+    ``grads_in_place``: the backward writes the gradients over the saved ``gate`` and ``up``
+    (no two new intermediate-size buffers at the backward's peak); only for callers whose
+    ``gate`` and ``up`` nothing else reads afterwards, and no second backward.
+    ``output_if_recompute_goes_on``: for a checkpoint recompute, where only the saved
+    ``gate`` and ``up`` matter. When they are the last tensors the layer saves, torch's
+    early-stopping recompute ends as they are saved, inside this call, and the output is
+    never computed; when the call returns, something after it still saves, so the output is
+    computed then.
+    """
     if not can_launch(_swiglu_fwd_kernel, gate):
         return reference.swiglu(gate, up)
-    return _SwiGLU.apply(gate, up)
+    # deferred only where the late launch needs no view: selective checkpointing replays torch ops by count
+    defer = output_if_recompute_goes_on and gate.is_contiguous() and up.is_contiguous() and gate.shape == up.shape
+    y = _SwiGLU.apply(gate, up, defer, grads_in_place)
+    if defer:
+        n = gate.shape[-1]
+        _launch_forward(gate, up, y, gate.numel() // max(n, 1), n, n, n, n)
+    return y
 
 
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
