@@ -32,6 +32,7 @@ collect() {
   for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -E "\[fmsaccel\]|Error|error|cudagraph" "$f" | tail -30; done \
     > $DETAILS/logs-$2.txt
   for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done > $DETAILS/recompiles-$2.txt
+  for f in $(find $1 -name memory_peak.txt); do echo "=== $f"; head -25 "$f"; done > $DETAILS/memory-$2.txt  # FMSACCEL_MEMORY
 }
 collect $BENCH $WORKLOAD
 for f in $(find $BENCH -name profile.txt); do echo "=== $f"; cat "$f"; done > $DETAILS/profiles-$WORKLOAD.txt
