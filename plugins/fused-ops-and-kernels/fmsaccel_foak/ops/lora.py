@@ -10,6 +10,8 @@ that reads the same ``x`` (q/k/v, or gate/up). Compared with PEFT's module chain
 - each quantised ``W_i`` is dequantised once in the forward; the backward re-dequantises
   it, or reuses the forward's copy when ``keep_weights`` (cheap under gradient
   checkpointing, where only one layer's recompute holds them at a time);
+- the rank-``r`` update is computed first and the base matmul accumulates onto it in its
+  epilogue, so adding it costs no pass of its own over the output;
 - the backward accumulates ``dx`` over all projections in place.
 
 Dropout draws each projection's mask with :func:`dropout_mask` (``bernoulli_``), in
