@@ -77,29 +77,29 @@ def recomputing() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-@contextlib.contextmanager
-def _marking_recompute():
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
+def checkpointed_forward() -> bool:
+    """True inside the first forward of a checkpointed layer (one that will be recomputed in the backward)."""
+    return getattr(_state, "forward_depth", 0) > 0
 
 
 @contextlib.contextmanager
-def _marked(recompute):
-    with recompute, _marking_recompute():
-        yield
+def _marking(attribute: str, inner=None):
+    with inner if inner is not None else contextlib.nullcontext():
+        setattr(_state, attribute, getattr(_state, attribute, 0) + 1)
+        try:
+            yield
+        finally:
+            setattr(_state, attribute, getattr(_state, attribute) - 1)
 
 
 def _contexts(policy_ops: set | None):
-    """A checkpoint ``context_fn``: marks the recompute, and keeps ``policy_ops``' outputs when given (selective)."""
+    """A checkpoint ``context_fn``: marks the forward and the recompute, keeps ``policy_ops``' outputs if given."""
 
     def context_fn():
         if policy_ops is None:
-            return contextlib.nullcontext(), _marking_recompute()
+            return _marking("forward_depth"), _marking("depth")
         forward, recompute = create_selective_checkpoint_contexts(keep_attention_policy(policy_ops))
-        return forward, _marked(recompute)
+        return _marking("forward_depth", forward), _marking("depth", recompute)
 
     return context_fn
 

@@ -57,7 +57,13 @@ class FusedOpsPlugin(AccelerationPlugin):
             raise PluginError(f"plugins.{active[0]}.checkpoint_in_graph moves each layer's checkpoint into its "
                               "compiled region: it needs compile_layers: true (with 'model' the checkpoints are "
                               "inside the one region already)")
-        for key in ("selective_checkpointing", "uncheckpointed_layers"):
+        if self.keys["offload_mlp_activations"] and not (self.keys["fused_lora"] and self.keys["fast_swiglu"]):
+            raise PluginError(f"plugins.{active[0]}.offload_mlp_activations brings the fused MLP's gate/up back for "
+                              "the recompute: it needs fused_lora: true and fast_swiglu: true")
+        if self.keys["offload_mlp_activations"] and self.keys["compile_layers"]:
+            raise PluginError(f"plugins.{active[0]}.offload_mlp_activations works in eager layers: it cannot be "
+                              "combined with compile_layers")
+        for key in ("selective_checkpointing", "uncheckpointed_layers", "offload_mlp_activations"):
             if self.keys[key] is not True and self.keys[key] < 0:
                 raise PluginError(f"plugins.{active[0]}.{key} counts decoder layers: 0 or more, not {self.keys[key]}")
         budget = self.keys["activation_budget_gib"]
@@ -135,6 +141,8 @@ class FusedOpsPlugin(AccelerationPlugin):
             self._compile_layers(base, ctx)
         if self.requested and ctx.args.get("gradient_checkpointing") and not self.keys["compile_layers"]:
             self._checkpoint_contexts(base, ctx)
+        elif self.keys["offload_mlp_activations"]:
+            ctx.report.note(self.name, "offload_mlp_activations unused: gradient checkpointing is off")
         if self.keys["activation_budget_gib"] is not None or self.keys["uncheckpointed_layers"]:
             self._budget_checkpointing(base, ctx)
 
@@ -151,6 +159,24 @@ class FusedOpsPlugin(AccelerationPlugin):
         if chosen:
             ctx.report.add(self.name, f"gradient checkpointing -> selective (attention outputs kept) in {len(chosen)} "
                                       f"of {len(layers)} layers", 1)
+        if self.keys["offload_mlp_activations"]:
+            self._offload_mlps(checkpointed, ctx)
+
+    def _offload_mlps(self, checkpointed: list, ctx: TrainContext) -> None:
+        from .offload import offload_layers
+
+        if ctx.fsdp:
+            ctx.report.note(self.name, "offload_mlp_activations unused under FSDP")
+            return
+        fused = [getattr(layer, "mlp", None) for layer in checkpointed]
+        fused = [mlp for mlp in fused if mlp is not None and "_foak_keep_weights" in mlp.__dict__]
+        mlps = [mlp for mlp in fused if not any(hasattr(p, "lora_A") for p in (mlp.gate_proj, mlp.up_proj))]
+        if not mlps:
+            raise PluginError("offload_mlp_activations: no checkpointed layer has a fused MLP without LoRA on gate/up "
+                              "(the recompute must save the same tensors with or without their matmuls)")
+        chosen = offload_layers(mlps, self.keys["offload_mlp_activations"])
+        ctx.report.add(self.name, f"gradient checkpointing -> MLP gate/up of {len(chosen)} layers offloaded to host "
+                                  f"memory for the recompute (of {len(mlps)} eligible)", 1)
 
     def _budget_checkpointing(self, base, ctx: TrainContext) -> None:
         from fmsaccel_framework.compiling import decoder_layers

@@ -33,6 +33,10 @@ _KEYS = {
                                          help="under gradient checkpointing, keep attention outputs (memory and "
                                               "per-op CPU time for less recompute: long sequences only); true for "
                                               "every layer, N for the last N checkpointed ones"),
+    "offload_mlp_activations": ConfigKey(int, default=0,
+                                         help="under gradient checkpointing, N layers' MLP gate/up outputs are copied "
+                                              "to host memory in the forward and back for the recompute, which then "
+                                              "skips their matmuls (PCIe time instead of GPU time)"),
     "uncheckpointed_layers": ConfigKey(int, default=0,
                                        help="under gradient checkpointing, the last N decoder layers are never "
                                             "checkpointed; the last one costs about no peak memory (its activations "

@@ -226,6 +226,48 @@ def test_recompute_leaves_out_the_swiglu_output_nothing_saves(base_layer, mlp_lo
         [False, True] if selective else [False, False])
 
 
+@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
+def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls):
+    """``offload_mlp_activations``: the offloaded layer's recompute takes gate/up back instead of rerunning their op.
+
+    Fused ops per step: 4 per layer in the forward; the recompute reruns q/k/v, o and gate/up
+    (the SwiGLU's saved tensors end it), and in the offloaded layer only q/k/v and o. Same
+    loss and gradients as the unpatched model.
+    """
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["down_proj"] if base_layer is None else [])
+    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets)
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    ctx = TrainContext(args={"gradient_checkpointing": True})
+    plugin = build(base_layer=base_layer, fused_lora=True, offload_mlp_activations=1, **ALL_KERNELS)
+    model = plugin.augment(model, ctx)
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    assert "MLP gate/up of 1 layers offloaded to host memory for the recompute (of 2 eligible)" in "\n".join(
+        ctx.report.lines())
+    calls.clear()
+    for _ in range(2):  # the copies are taken once per step
+        calls.clear()
+        _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5)
+    # a LoRA on down_proj saves the SwiGLU output, so the recompute runs down_proj too
+    assert calls["fused_lora"] == 8 + (3 + 2) + (2 if base_layer is None else 0)
+    mlps = [layer.mlp for layer in model.get_base_model().model.layers]
+    assert "_foak_offload" in mlps[0].__dict__ and "_foak_offload" not in mlps[1].__dict__
+    assert not mlps[0]._foak_offload.saved  # taken by the backward
+
+
+def test_offload_mlp_activations_needs_the_fused_mlp():
+    with pytest.raises(PluginError, match="needs fused_lora: true and fast_swiglu: true"):
+        build(fused_lora=True, offload_mlp_activations=2)
+    model = _lora(quantize_decoder(tiny_model("llama"), "bitsandbytes"), ["gate_proj", "up_proj", "q_proj"])
+    ctx = TrainContext(args={"gradient_checkpointing": True})
+    plugin = build(base_layer="bitsandbytes", fused_lora=True, offload_mlp_activations=1, **ALL_KERNELS)
+    model = plugin.augment(model, ctx)
+    with pytest.raises(PluginError, match="no checkpointed layer has a fused MLP without LoRA on gate/up"):
+        plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+
+
 def test_report_lists_every_replacement():
     model = _lora(quantize_decoder(tiny_model("llama"), "bitsandbytes"), ["q_proj", "k_proj", "v_proj", "o_proj"])
     ctx = TrainContext(args={})
