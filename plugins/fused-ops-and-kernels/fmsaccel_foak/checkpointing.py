@@ -116,7 +116,12 @@ def _wrap(checkpoint_fn, context_fn):
     keywords = checkpoint_fn.keywords or {}
     if keywords.get("use_reentrant", False) or "context_fn" in keywords:
         return None
-    wrapped = functools.partial(checkpoint_fn, context_fn=context_fn)
+
+    def wrapped(function, *args, **kwargs):
+        if torch.compiler.is_compiling():  # a layer compiled by another plugin: its graph takes no such contexts
+            return checkpoint_fn(function, *args, **kwargs)
+        return checkpoint_fn(function, *args, context_fn=context_fn, **kwargs)
+
     wrapped._foak_wrapped = True
     return wrapped
 
