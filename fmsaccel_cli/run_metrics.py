@@ -114,7 +114,10 @@ class RunMetrics(TrainerCallback):
 
     ``step_times``: each step's host wall time, warm-up steps included, with the seconds the Python
     garbage collector paused it (``gc_seconds``): one slow step in a short benchmark (a compile for a
-    new shape, a full collection) moves its tokens/s, and these show which step and why.
+    new shape, a full collection) moves its tokens/s, and these show which step and why. On a GPU
+    the median step is timed between CUDA events recorded at each step's end (no sync): where
+    nothing syncs at step boundaries (``logging_steps`` > 1) host times say when a step was
+    queued, not when it ran.
     """
 
     STEP_PHASES = ("forward_backward", "optimizer", "step_end", "between_steps")
@@ -134,6 +137,7 @@ class RunMetrics(TrainerCallback):
         self.step_times: list[float] = []
         self.step_token_totals: list[torch.Tensor | None] = []  # the running token count at each step's end
         self.gc_seconds: list[float] = []  # per step, beside step_times
+        self.step_end_events: list = []  # CUDA events recorded at each step's end (GPU runs)
         self._gc_pause = 0.0
         self._gc_started: float | None = None
         gc.callbacks.append(self._on_gc)
@@ -230,6 +234,9 @@ class RunMetrics(TrainerCallback):
         """Close the step's phases (called last in ``on_step_end``, after this callback's own work)."""
         marks = self.step_marks
         marks["step_end"] = time.perf_counter()
+        if torch.cuda.is_available():
+            self.step_end_events.append(torch.cuda.Event(enable_timing=True))
+            self.step_end_events[-1].record()
         if "begin" in marks:
             self.step_times.append(round(marks["step_end"] - marks["begin"], 4))
             self.gc_seconds.append(round(self._gc_pause, 4))
@@ -278,8 +285,12 @@ class RunMetrics(TrainerCallback):
         if len(self.step_token_totals) <= first or any(t is None for t in self.step_token_totals):
             return None
         totals = torch.stack([t.float() for t in self.step_token_totals]).tolist()  # one sync, after training
-        rates = [(totals[i] - (totals[i - 1] if i else 0.0)) / self.step_times[i]
-                 for i in range(first, len(totals)) if self.step_times[i] > 0]
+        seconds = list(self.step_times)
+        events = self.step_end_events
+        if len(events) == len(seconds):  # the GPU's own spacing of step ends, from the second step on
+            seconds[1:] = [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:], strict=False)]
+        rates = [(totals[i] - (totals[i - 1] if i else 0.0)) / seconds[i]
+                 for i in range(first, len(totals)) if seconds[i] > 0]
         return statistics.median(rates) if rates else None
 
     def throughput(self) -> tuple[float, float, int]:

@@ -14,8 +14,12 @@ are exact. Without CUDA (the tests) the "host" copies are plain clones.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+logger = logging.getLogger("fmsaccel_foak")
 
 
 class Offloaded:
@@ -24,7 +28,8 @@ class Offloaded:
     def __init__(self, index: int):
         self.index = index
         self.below: Offloaded | None = None
-        self.host: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.host: tuple[torch.Tensor, torch.Tensor] | None = None  # views of ``pinned`` for this step
+        self.pinned: torch.Tensor | None = None
         self.on_device: tuple[torch.Tensor, torch.Tensor] | None = None
         self.copied = None  # CUDA event: the last copy (to host, then back) done
         self.saved = False
@@ -35,8 +40,17 @@ class Offloaded:
         if not gate.is_cuda:
             self.host, self.saved = (gate.detach().clone(), up.detach().clone()), True
             return
-        if self.host is None or self.host[0].shape != gate.shape or self.host[0].dtype != gate.dtype:
-            self.host = tuple(torch.empty(gate.shape, dtype=gate.dtype, pin_memory=True) for _ in range(2))
+        if self.pinned is None or self.pinned.numel() < 2 * gate.numel() or self.pinned.dtype != gate.dtype:
+            self.pinned = None  # grown to the largest step seen: steps of other lengths reuse it (no new pinning)
+            try:
+                self.pinned = torch.empty(2 * gate.numel(), dtype=gate.dtype, pin_memory=True)
+            except RuntimeError as err:  # pinned host memory exhausted: this layer recomputes as usual
+                self.saved = False
+                logger.warning("fmsaccel_foak: offload_mlp_activations: no pinned host memory for layer %d's "
+                               "gate/up (%s); it recomputes them", self.index, err)
+                return
+        n = gate.numel()
+        self.host = (self.pinned[:n].view(gate.shape), self.pinned[n: 2 * n].view(up.shape))
         stream = _side_stream(gate.device)
         stream.wait_stream(torch.cuda.current_stream(gate.device))
         with torch.cuda.stream(stream):

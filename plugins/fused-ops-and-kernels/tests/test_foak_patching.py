@@ -15,6 +15,9 @@ from fmsaccel_framework.plugin import PluginError, TrainContext
 PATH = "training.fused_ops_and_kernels"
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "granite"]
 MOE = ["mixtral", "granitemoe"]
+# PEFT's dropout and the fused op's masks draw the same numbers from torch's CPU generator, not on CUDA (other
+# Philox offsets): the checkpointing tests compare with PEFT with dropout on the CPU, without it on a GPU
+SAME_STREAM_DROPOUT = 0.1 if DEVICE == "cpu" else 0.0
 ALL_KERNELS = dict(fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True, fast_loss="fused_ce_liger")
 
 
@@ -95,8 +98,8 @@ def test_moe_router_aux_loss_is_kept(calls):
     _assert_same(_step(model, input_ids=ids, labels=labels), want)
 
 
-def _lora(model, targets):
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets))
+def _lora(model, targets, dropout: float = 0.1):
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -207,7 +210,7 @@ def test_recompute_leaves_out_the_swiglu_output_nothing_saves(base_layer, mlp_lo
 
     swiglu_op = importlib.import_module("fmsaccel_foak.ops.swiglu")  # the module (ops.swiglu is the function)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", *mlp_lora]
-    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets)
+    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets, SAME_STREAM_DROPOUT)
     ids, labels = _batch()
     want = _step(model, input_ids=ids, labels=labels)
     ctx = TrainContext(args={"gradient_checkpointing": True})
@@ -219,7 +222,7 @@ def test_recompute_leaves_out_the_swiglu_output_nothing_saves(base_layer, mlp_lo
     launches = []
     original = swiglu_op._launch_forward
     monkeypatch.setattr(swiglu_op, "_launch_forward", lambda *a: launches.append(1) or original(*a))
-    _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5)
+    _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5 if DEVICE == "cpu" else 1e-4)
     layers = model.get_base_model().model.layers
     assert len(launches) == len(layers) * runs
     assert [layer._gradient_checkpointing_func._foak_selective for layer in layers] == (
@@ -235,7 +238,7 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls)
     loss and gradients as the unpatched model.
     """
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["down_proj"] if base_layer is None else [])
-    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets)
+    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets, SAME_STREAM_DROPOUT)
     ids, labels = _batch()
     want = _step(model, input_ids=ids, labels=labels)
     ctx = TrainContext(args={"gradient_checkpointing": True})
@@ -249,7 +252,7 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls)
     calls.clear()
     for _ in range(2):  # the copies are taken once per step
         calls.clear()
-        _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5)
+        _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5 if DEVICE == "cpu" else 1e-4)
     # a LoRA on down_proj saves the SwiGLU output, so the recompute runs down_proj too
     assert calls["fused_lora"] == 8 + (3 + 2) + (2 if base_layer is None else 0)
     mlps = [layer.mlp for layer in model.get_base_model().model.layers]
