@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import offload as offload_module
 from . import ops
 from .checkpointing import checkpointed_forward, recomputing
 
@@ -134,6 +135,7 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
         rerun = eager and recomputing()
         offload = self.__dict__.get("_foak_offload") if eager else None  # see fmsaccel_foak.offload
         if rerun:
+            offload_module.retire_in_flight()  # the forward's last copy to the host is done with on the device
             below = self.__dict__.get("_foak_offload_below")
             if below is not None:
                 below.prefetch()

@@ -51,20 +51,22 @@ class Offloaded:
                 return
         n = gate.numel()
         self.host = (self.pinned[:n].view(gate.shape), self.pinned[n: 2 * n].view(up.shape))
+        retire_in_flight()
         stream = _side_stream(gate.device)
         stream.wait_stream(torch.cuda.current_stream(gate.device))
         with torch.cuda.stream(stream):
             for host, t in zip(self.host, (gate, up), strict=True):
                 host.copy_(t.detach(), non_blocking=True)
-                t.record_stream(stream)  # not reused by the allocator before the copy is done
             self.copied = torch.cuda.Event()
             self.copied.record(stream)
+        _in_flight.append((self.copied, gate, up))
         self.saved = True
 
     def prefetch(self) -> None:
         """Start bringing the copies back (no-op when already on their way or nothing was saved)."""
         if not self.saved or self.on_device is not None:
             return
+        retire_in_flight()  # the backward has begun: the forward's last copy is needed no more on the device
         if not self.host[0].is_pinned():
             self.on_device = self.host
             return
@@ -94,6 +96,18 @@ class Offloaded:
 
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
+# (copy done, gate, up) of the last copy to the host. The tensors are held here, not handed to the allocator with
+# record_stream: the host runs far ahead of the GPU, and every layer it queued would keep its gate/up allocated
+# until the side stream caught up (9.6 GiB of them in s16c2's warm-up). Holding one copy's tensors and making the
+# compute stream wait for it before the next copy bounds that to one layer's gate/up.
+_in_flight: list = []
+
+
+def retire_in_flight() -> None:
+    """The compute stream waits for the last copy to the host, whose gate/up are then released."""
+    while _in_flight:
+        done, *_ = _in_flight.pop()
+        torch.cuda.current_stream().wait_event(done)
 
 
 def _side_stream(device: torch.device):
