@@ -145,11 +145,13 @@ def test_regional_compilation_turns_off_inductor_fusions_that_guard_on_the_token
 
     if not hasattr(inductor.triton, "mix_order_reduction"):
         pytest.skip("this torch has no mix-order reductions")
-    monkeypatch.setattr(inductor.triton, "mix_order_reduction", True)
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
-    assert compile_decoder_layers(model)
-    assert inductor.triton.mix_order_reduction is False
-    assert scheduler.MixOrderReduction.can_fuse(None, None) is False  # returns before looking at the nodes
+    # inductor's own patch, not monkeypatch: monkeypatch's undo deletes the key, which hides it from Inductor for
+    # the rest of the process ("does not exist" in every later compile)
+    with inductor.patch({"triton.mix_order_reduction": True}):
+        assert compile_decoder_layers(model)
+        assert inductor.triton.mix_order_reduction is False
+        assert scheduler.MixOrderReduction.can_fuse(None, None) is False  # returns before looking at the nodes
