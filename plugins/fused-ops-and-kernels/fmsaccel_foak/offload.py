@@ -36,6 +36,8 @@ class Offloaded:
 
     def save(self, gate: torch.Tensor, up: torch.Tensor) -> None:
         """Copy this forward's gate/up to the host (asynchronously on a GPU)."""
+        if self.on_device is not None and self.copied is not None:  # brought back but never taken: let the copy
+            torch.cuda.current_stream().wait_event(self.copied)  # land before its buffers can be reused
         self.on_device = None
         if not gate.is_cuda:
             self.host, self.saved = (gate.detach().clone(), up.detach().clone()), True
@@ -76,8 +78,7 @@ class Offloaded:
         stream.wait_stream(torch.cuda.current_stream(device))  # the buffers' allocation
         with torch.cuda.stream(stream):
             for t, host in zip(back, self.host, strict=True):
-                t.copy_(host, non_blocking=True)
-                t.record_stream(stream)
+                t.copy_(host, non_blocking=True)  # no record_stream: see _in_flight; take() waits for the copy
             self.copied = torch.cuda.Event()
             self.copied.record(stream)
         self.on_device = back
@@ -99,7 +100,9 @@ _streams: dict[torch.device, torch.cuda.Stream] = {}
 # (copy done, gate, up) of the last copy to the host. The tensors are held here, not handed to the allocator with
 # record_stream: the host runs far ahead of the GPU, and every layer it queued would keep its gate/up allocated
 # until the side stream caught up (9.6 GiB of them in s16c2's warm-up). Holding one copy's tensors and making the
-# compute stream wait for it before the next copy bounds that to one layer's gate/up.
+# compute stream wait for it before the next copy bounds that to one layer's gate/up. The same goes for the copies
+# back (6 layers' pairs alive at s16c4's warm-up peak, 15.96 GiB): their buffers are the compute stream's own,
+# which waits for each copy before using it.
 _in_flight: list = []
 
 
