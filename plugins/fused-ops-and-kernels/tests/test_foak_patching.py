@@ -177,18 +177,26 @@ def test_trl_fused_lm_head_protocol():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
-def test_selective_checkpointing_keeps_gradients(base_layer):
-    """Checkpointed layers recompute with the same dropout masks; kept dequantised weights change nothing."""
-    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), ["q_proj", "k_proj", "v_proj", "o_proj"])
+def _checkpointed(base_layer, targets, dropout: float = 0.1, **keys):
+    """(the patched model under non-reentrant checkpointing, the unpatched model's loss and gradients, the batch,
+    the context), for the checkpointing tests."""
+    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets, dropout)
     ids, labels = _batch()
     want = _step(model, input_ids=ids, labels=labels)
     ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = build(base_layer=base_layer, fused_lora=True, selective_checkpointing=True, **ALL_KERNELS)
+    plugin = build(base_layer=base_layer, fused_lora=True, **keys, **ALL_KERNELS)
     model = plugin.augment(model, ctx)
     plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
+    return model, want, (ids, labels), ctx
+
+
+@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
+def test_selective_checkpointing_keeps_gradients(base_layer):
+    """Checkpointed layers recompute with the same dropout masks; kept dequantised weights change nothing."""
+    model, want, (ids, labels), _ = _checkpointed(base_layer, ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                  selective_checkpointing=True)
     _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5)
     layers = model.get_base_model().model.layers
     assert all(getattr(layer._gradient_checkpointing_func, "_foak_selective", False) for layer in layers)
@@ -210,15 +218,8 @@ def test_recompute_leaves_out_the_swiglu_output_nothing_saves(base_layer, mlp_lo
 
     swiglu_op = importlib.import_module("fmsaccel_foak.ops.swiglu")  # the module (ops.swiglu is the function)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", *mlp_lora]
-    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets, SAME_STREAM_DROPOUT)
-    ids, labels = _batch()
-    want = _step(model, input_ids=ids, labels=labels)
-    ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = build(base_layer=base_layer, fused_lora=True, selective_checkpointing=selective, **ALL_KERNELS)
-    model = plugin.augment(model, ctx)
-    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
-    model.gradient_checkpointing_enable()
-    model.enable_input_require_grads()
+    model, want, (ids, labels), _ = _checkpointed(base_layer, targets, SAME_STREAM_DROPOUT,
+                                                  selective_checkpointing=selective)
     launches = []
     original = swiglu_op._launch_forward
     monkeypatch.setattr(swiglu_op, "_launch_forward", lambda *a: launches.append(1) or original(*a))
@@ -238,15 +239,7 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls)
     loss and gradients as the unpatched model.
     """
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["down_proj"] if base_layer is None else [])
-    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets, SAME_STREAM_DROPOUT)
-    ids, labels = _batch()
-    want = _step(model, input_ids=ids, labels=labels)
-    ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = build(base_layer=base_layer, fused_lora=True, offload_mlp_activations=1, **ALL_KERNELS)
-    model = plugin.augment(model, ctx)
-    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
-    model.gradient_checkpointing_enable()
-    model.enable_input_require_grads()
+    model, want, (ids, labels), ctx = _checkpointed(base_layer, targets, SAME_STREAM_DROPOUT, offload_mlp_activations=1)
     assert "MLP gate/up of 1 layers offloaded to host memory for the recompute (of 2 eligible)" in "\n".join(
         ctx.report.lines())
     calls.clear()
