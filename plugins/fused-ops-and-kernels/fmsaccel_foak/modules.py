@@ -134,21 +134,21 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
         eager = not torch.compiler.is_compiling()  # compiled graphs plan their own buffers and recompute
         rerun = eager and recomputing()
         offload = self.__dict__.get("_foak_offload") if eager else None  # see fmsaccel_foak.offload
+        taken = None
         if rerun:
             offload_module.retire_in_flight()  # the forward's last copy to the host is done with on the device
-            below = self.__dict__.get("_foak_offload_below")
-            if below is not None:
-                below.prefetch()
             taken = offload.take() if offload is not None else None
-            if taken is not None:  # the forward's gate/up, back from the host: their matmuls are not rerun
-                # (requiring grad as the op's outputs did, so the SwiGLU records and saves them as in the forward)
-                gate, up = (t.requires_grad_() for t in taken)
-                hidden = ops.swiglu(gate, up, grads_in_place=True, output_if_recompute_goes_on=True)
-                return ops.fused_lora(hidden, layers[2:], keep_weights=False, **op_options)[0]
-        keep = keep_weights and self._foak_keep_weights and offload is None
-        gate, up = ops.fused_lora(x, layers[:2], keep, **op_options)
-        if offload is not None and checkpointed_forward() and torch.is_grad_enabled():
-            offload.save(gate, up)
+            below = self.__dict__.get("_foak_offload_below")
+            if below is not None:  # the next offloaded layer down starts coming back during this one's backward
+                below.prefetch()
+        if taken is not None:  # the forward's gate/up, back from the host: their matmuls are not rerun
+            # (requiring grad as the op's outputs did, so the SwiGLU records and saves them as in the forward)
+            gate, up = (t.requires_grad_() for t in taken)
+        else:
+            keep = keep_weights and self._foak_keep_weights and offload is None
+            gate, up = ops.fused_lora(x, layers[:2], keep, **op_options)
+            if offload is not None and checkpointed_forward() and torch.is_grad_enabled():
+                offload.save(gate, up)
         if fast_swiglu:
             hidden = ops.swiglu(gate, up, grads_in_place=eager, output_if_recompute_goes_on=rerun)
         else:

@@ -23,11 +23,10 @@ logger = logging.getLogger("fmsaccel_foak")
 
 
 class Offloaded:
-    """One MLP's gate/up copies for the current step, and the chain to the next offloaded MLP below it."""
+    """One MLP's gate/up copies for the current step."""
 
     def __init__(self, index: int):
         self.index = index
-        self.below: Offloaded | None = None
         self.host: tuple[torch.Tensor, torch.Tensor] | None = None  # views of ``pinned`` for this step
         self.pinned: torch.Tensor | None = None
         self.on_device: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -68,7 +67,6 @@ class Offloaded:
         """Start bringing the copies back (no-op when already on their way or nothing was saved)."""
         if not self.saved or self.on_device is not None:
             return
-        retire_in_flight()  # the backward has begun: the forward's last copy is needed no more on the device
         if not self.host[0].is_pinned():
             self.on_device = self.host
             return
@@ -84,15 +82,13 @@ class Offloaded:
         self.on_device = back
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """gate/up for the recompute (waiting for their copy), the next MLP's starting its way; None if none saved."""
+        """gate/up for the recompute (waiting for their copy); None if none were saved this step."""
         if not self.saved:
             return None
         self.prefetch()
         if self.copied is not None:
             torch.cuda.current_stream().wait_event(self.copied)
         taken, self.on_device, self.saved = self.on_device, None, False
-        if self.below is not None:
-            self.below.prefetch()
         return taken
 
 
@@ -129,7 +125,5 @@ def offload_layers(mlps: list[nn.Module], count: int) -> list[int]:
     for index, mlp in enumerate(mlps):
         mlp._foak_offload_below = below
         if index in chosen:
-            mlp._foak_offload = Offloaded(index)
-            mlp._foak_offload.below = below
-            below = mlp._foak_offload
+            mlp._foak_offload = below = Offloaded(index)
     return chosen
