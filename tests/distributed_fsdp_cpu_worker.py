@@ -9,8 +9,6 @@ was given, and the rest is the production path unchanged: transformers' Trainer,
 
 from __future__ import annotations
 
-import sys
-
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 
@@ -32,4 +30,4 @@ AcceleratorState.__init__ = _init_with_fsdp_on_cpu
 if __name__ == "__main__":
     from fmsaccel_cli import train
 
-    sys.exit(train.main())
+    train.exit_process(train.main())

@@ -327,3 +327,21 @@ def test_fsdp_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path):
     assert out.returncode != 0
     assert "accelerate did not enable FSDP (it runs FSDP on GPUs only" in out.stderr, out.stderr[-3000:]
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_process_that_ran_a_gloo_group_leaves_with_its_exit_code_and_flushed_output():
+    """``exit_process`` skips interpreter shutdown after a gloo group (see train._gloo_threads_left), losing nothing."""
+    script = (
+        "import os, sys, torch.distributed as dist\n"
+        "from fmsaccel_cli import train\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='0')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "train._close_process_group()\n"
+        "print('written', end='')\n"
+        "sys.stderr.write('to stderr')\n"
+        "train.exit_process(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=os.environ.copy())
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "written" and out.stderr.endswith("to stderr")
