@@ -186,10 +186,11 @@ def causal_lm_loss(
     return ops.cross_entropy(logits, shift_labels, ignore_index, num_items_in_batch=num_items_in_batch)
 
 
-def _shifted(hidden: torch.Tensor, labels, shift_labels) -> tuple[torch.Tensor, torch.Tensor]:
+def _aligned_targets(labels, shift_labels, ignore_index: int = -100) -> torch.Tensor:
+    """Each position's next-token target (``ignore_index`` where there is none), the hidden states' shape."""
     if shift_labels is not None:
-        return hidden, shift_labels
-    return hidden[:, :-1], labels[:, 1:]
+        return shift_labels
+    return nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
 def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callable | None) -> Callable:
@@ -212,16 +213,25 @@ def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callabl
         if aux_loss is not None and getattr(self.config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         outputs = self.base_model(*args, **kwargs)
-        hidden, targets = _shifted(outputs.last_hidden_state, labels, shift_labels)
-        lm_head = self.get_output_embeddings()
-        targets = targets.to(hidden.device)
+        hidden = outputs.last_hidden_state
+        targets = _aligned_targets(labels, shift_labels).to(hidden.device)
         mask = targets != -100
+        # Every position is scored and the ignored ones zeroed after: picking the scored rows out (``hidden[mask]``)
+        # would make the host wait for the GPU in every step (a data-dependent shape), for a few rows' work saved
+        hidden, safe_targets = hidden.reshape(-1, hidden.shape[-1]), torch.where(mask, targets, 0).reshape(-1)
+        lm_head = self.get_output_embeddings()
         shard = getattr(lm_head, "vocab_shard", None)  # see shard_lm_head
         if shard is not None:
-            logp, entropy, top1 = ops.token_logprobs_vocab_parallel(hidden[mask], shard, lm_head.vocab_start,
-                                                                    targets[mask], logit_scale)
+            logp, entropy, top1 = ops.token_logprobs_vocab_parallel(hidden, shard, lm_head.vocab_start, safe_targets,
+                                                                    logit_scale)
         else:
-            logp, entropy, top1 = ops.token_logprobs(hidden[mask], lm_head.weight, targets[mask], logit_scale)
+            logp, entropy, top1 = ops.token_logprobs(hidden, lm_head.weight, safe_targets, logit_scale)
+        flat_mask = mask.reshape(-1)
+        logp = torch.where(flat_mask, logp, 0.0).view(mask.shape)
+        entropy = torch.where(flat_mask, entropy, 0.0).view(mask.shape)
+        top1 = (top1 & flat_mask).view(mask.shape)
+        if shift_labels is None:  # TRL's shape: one position a row fewer (the last has no next token)
+            logp, entropy, top1, mask = logp[:, :-1], entropy[:, :-1], top1[:, :-1], mask[:, :-1]
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -logp.sum() / denominator
         moe_loss = None
@@ -231,11 +241,8 @@ def fused_loss_forward(original: Callable, logit_scale: float, aux_loss: Callabl
         if fused_lm_head:
             from trl.trainer.utils import FusedCausalLMOutput
 
-            def full(values: torch.Tensor) -> torch.Tensor:
-                return values.new_zeros(mask.shape).masked_scatter(mask, values)
-
-            return FusedCausalLMOutput(loss=loss, log_probs=full(logp), entropy=full(entropy), is_top1=full(top1),
-                                       label_mask=mask, aux_loss=moe_loss)
+            return FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy, is_top1=top1, label_mask=mask,
+                                       aux_loss=moe_loss)
         return _causal_lm_output(loss, moe_loss, outputs)
 
     return forward

@@ -177,6 +177,40 @@ def test_trl_fused_lm_head_protocol():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+
+# ops whose output shape or value the host must wait for ("index_bool": indexing with a boolean mask)
+HOST_WAITS = ("nonzero", "masked_select", "_local_scalar_dense", "item", "index_bool")
+
+
+@pytest.mark.parametrize("fused_lm_head", [False, True])
+def test_the_fused_loss_makes_the_host_wait_for_nothing(fused_lm_head):
+    """The fused loss's forward and backward dispatch no op whose output shape or value the host must read.
+
+    Such an op (picking out the labelled rows, reading a count) makes the host wait for the GPU in every step,
+    and the GPU idles until the host has queued the next kernels.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            boolean = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+            self.ops.add("index_bool" if boolean else name)
+            return func(*args, **(kwargs or {}))
+
+    ids, labels = _batch()
+    labels[0, -4:] = -100  # ignored positions inside the batch, not only at its start
+    model = build(fast_loss="fused_ce_liger").augment(tiny_model("llama"), TrainContext(args={}))
+    model.train()
+    with Seen() as seen:
+        out = model(input_ids=ids, labels=labels, fused_lm_head=fused_lm_head)
+        out.loss.backward()
+    assert seen.ops and not seen.ops & set(HOST_WAITS), sorted(seen.ops & set(HOST_WAITS))
+
 def _checkpointed(base_layer, targets, dropout: float = 0.1, **keys):
     """(the patched model under non-reentrant checkpointing, the unpatched model's loss and gradients, the batch,
     the context), for the checkpointing tests."""

@@ -137,6 +137,7 @@ def fused_linear_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
     valid = labels != ignore_index
-    logp, _, _ = token_logprobs(hidden[valid], weight, labels[valid], logit_scale)
+    # every row scored, the ignored ones zeroed: ``hidden[valid]`` would wait for the GPU (a data-dependent shape)
+    logp, _, _ = token_logprobs(hidden, weight, torch.where(valid, labels, 0), logit_scale)
     denominator = valid.sum() if num_items_in_batch is None else num_items_in_batch
-    return -logp.sum() / denominator
+    return -torch.where(valid, logp, 0.0).sum() / denominator
