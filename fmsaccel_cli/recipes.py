@@ -33,6 +33,7 @@ EXTRA_ARGUMENTS = {
     "evaluation_strategy": "fms-hf-tuning name of eval_strategy",
     "max_seq_length": "fms-hf-tuning name of max_length",
     "benchmark_warmup_steps": "steps excluded from tokens/s and peak memory",
+    "progress_steps": "steps between progress lines (default: logging_steps); they never wait for the GPU",
     "shape_overrides": "config overrides for a built-in shape, e.g. {num_hidden_layers: 4}",
     "num_train_examples": "limit the number of training examples (workloads: how many to generate)",
     "attn_implementation": "transformers attention implementation (sdpa, eager, ...)",

@@ -108,7 +108,7 @@ class RunMetrics(TrainerCallback):
     ``step_seconds``: where each measured step's wall time goes, from host timestamps at the
     trainer's callbacks (no sync added): ``forward_backward`` (step start to the optimizer, with
     gradient clipping and the trainer's per-micro-batch metrics), ``optimizer``, ``step_end``
-    (scheduler, zero_grad, this callback's progress line, which waits for the GPU) and
+    (scheduler, zero_grad, this callback's progress line) and
     ``between_steps`` (the trainer's logging, which gathers the loss over ranks, and the next
     batch). On launch-bound steps it shows where a multi-GPU step waits that a 1-GPU one does not.
 
@@ -118,12 +118,19 @@ class RunMetrics(TrainerCallback):
     the median step is timed between CUDA events recorded at each step's end (no sync): where
     nothing syncs at step boundaries (``logging_steps`` > 1) host times say when a step was
     queued, not when it ran.
+
+    Progress lines (every ``progress_steps``, default ``logging_steps``) never make the host wait
+    for the GPU: a step's loss and token count are copied to host memory behind its work, and the
+    line is printed at the next step's end (or when training ends), once that copy has landed.
     """
 
     STEP_PHASES = ("forward_backward", "optimizer", "step_end", "between_steps")
 
-    def __init__(self, warmup_steps: int):
+    def __init__(self, warmup_steps: int, progress_steps: int | None = None):
         self.warmup_steps = warmup_steps
+        self.progress_steps = progress_steps  # None: logging_steps
+        self._progress_queued: tuple | None = None  # (step, max_steps, host copy, CUDA event or None, host time)
+        self.warmup_event = None  # CUDA event at the end of the warm-up (GPU runs)
         self.tokens = None
         self.tokens_at_warmup = None
         self.time_at_warmup = None
@@ -189,12 +196,16 @@ class RunMetrics(TrainerCallback):
             self.memory_baseline = memory.start_recording()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._print_progress()
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
 
     def _mark_warmup_end(self) -> None:
         self._sync()
         self.time_at_warmup = time.perf_counter()
+        if torch.cuda.is_available():
+            self.warmup_event = torch.cuda.Event(enable_timing=True)
+            self.warmup_event.record()
         self.tokens_at_warmup = float(self.tokens) if self.tokens is not None else 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -270,13 +281,49 @@ class RunMetrics(TrainerCallback):
             log("SIGTERM received: saving a checkpoint and stopping")
             control.should_save = True
             control.should_training_stop = True
-        if state.global_step % max(args.logging_steps, 1) == 0 or state.global_step == state.max_steps:
-            loss = float(self.step_losses[-1]) if self.step_losses else float("nan")
-            if is_main_process():
-                print(f"{PROGRESS_TAG} " + json.dumps({"step": state.global_step, "max_steps": state.max_steps,
-                                                       "tokens_per_second": self.throughput()[0], "loss": loss}),
-                      flush=True)
+        self._print_progress()  # the last queued line: its copy has landed, or lands behind work already queued
+        every = self.progress_steps or max(int(args.logging_steps), 1)
+        if state.global_step % every == 0 or state.global_step == state.max_steps:
+            self._queue_progress(state.global_step, state.max_steps)
         self._time_step(measured=done > self.warmup_steps)
+
+    def _queue_progress(self, step: int, max_steps: int) -> None:
+        """Copy this step's loss and token count to host memory behind the step's work (no wait)."""
+        nan = float("nan")
+        loss = self.step_losses[-1] if self.step_losses else None
+        if loss is None and self.tokens is None:
+            values = torch.tensor([nan, nan], dtype=torch.float64)
+        else:
+            like = loss if loss is not None else self.tokens
+            values = torch.stack([t.detach().double().reshape(()) if t is not None else
+                                  torch.tensor(nan, dtype=torch.float64, device=like.device)
+                                  for t in (loss, self.tokens)])
+        event = None
+        if values.is_cuda:
+            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            values = host
+        self._progress_queued = (step, max_steps, values, event, time.perf_counter())
+
+    def _print_progress(self) -> None:
+        """Print the queued progress line: tokens/s since the warm-up (GPU time between CUDA events) and loss."""
+        if self._progress_queued is None:
+            return
+        step, max_steps, values, event, queued_at = self._progress_queued
+        self._progress_queued = None
+        if event is not None:
+            event.synchronize()  # this step's end only, not the work queued after it
+        loss, tokens = values.tolist()
+        rate = 0.0
+        if self.time_at_warmup is not None and tokens == tokens and step - self.first_step > self.warmup_steps:
+            seconds = (self.warmup_event.elapsed_time(event) / 1000 if event is not None and self.warmup_event
+                       else queued_at - self.time_at_warmup)
+            rate = (tokens - self.tokens_at_warmup) / seconds if seconds > 0 else 0.0
+        if is_main_process():
+            print(f"{PROGRESS_TAG} " + json.dumps({"step": step, "max_steps": max_steps, "tokens_per_second": rate,
+                                                   "loss": loss}), flush=True)
 
     def median_step_throughput(self) -> float | None:
         """Tokens/s of the median measured step (this rank): robust to one slow step, which the mean over a

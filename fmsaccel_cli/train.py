@@ -156,7 +156,8 @@ def _train(cfg: dict[str, Any], args: dict[str, Any], resume: bool) -> int:
     moe_compat.record_router_logits(model)
     phases.mark("data_and_model")
 
-    metrics = RunMetrics(int(args.get("benchmark_warmup_steps", 2)))
+    progress_steps = args.get("progress_steps")
+    metrics = RunMetrics(int(args.get("benchmark_warmup_steps", 2)), int(progress_steps) if progress_steps else None)
     signal.signal(signal.SIGTERM, lambda *_: setattr(metrics, "stop_requested", True))
 
     gather_step_metrics = distributed.settings(args).gather_step_metrics

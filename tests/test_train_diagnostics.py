@@ -49,3 +49,39 @@ def test_token_count_leaves_out_a_collators_filler_and_hides_it_from_the_model()
     model(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]))
     assert int(metrics.tokens) == 55 + 7
     assert seen == [["input_ids"], ["attention_mask", "input_ids"]]
+
+
+def test_progress_lines_come_a_step_late_every_progress_steps_with_each_steps_own_loss(capsys):
+    """The line for a step is printed at the next step's end (its values copied behind the step's work, so
+    printing never waits for the GPU) and the last one when training ends; the cadence is progress_steps."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from fmsaccel_cli import PROGRESS_TAG
+    from fmsaccel_cli.run_metrics import RunMetrics
+
+    metrics = RunMetrics(warmup_steps=1, progress_steps=2)
+    args = SimpleNamespace(logging_steps=10, output_dir="unused")
+    state = SimpleNamespace(global_step=0, max_steps=5)
+    control = SimpleNamespace()
+    metrics.on_train_begin(args, state, control)
+    printed = []
+    for step in range(1, 6):
+        metrics.on_step_begin(args, state, control)
+        metrics.count_tokens(None, (torch.zeros(2, 8, dtype=torch.long),), {})
+        metrics.record_loss(torch.tensor(float(step)))
+        state.global_step = step
+        metrics.on_step_end(args, state, control)
+        printed.append([json.loads(line.split(PROGRESS_TAG)[1]) for line in capsys.readouterr().out.splitlines()
+                        if PROGRESS_TAG in line])
+    metrics.on_train_end(args, state, control)
+    last = [json.loads(line.split(PROGRESS_TAG)[1]) for line in capsys.readouterr().out.splitlines()
+            if PROGRESS_TAG in line]
+    # steps 2 and 4 (every 2nd) and 5 (the last) are queued; each is printed at the step after it or at the end
+    assert [[p["step"] for p in ps] for ps in printed] == [[], [], [2], [], [4]]
+    assert [p["step"] for p in last] == [5]
+    lines = [p for ps in printed for p in ps] + last
+    assert [p["loss"] for p in lines] == [2.0, 4.0, 5.0]
+    assert lines[0]["tokens_per_second"] > 0 and all(p["max_steps"] == 5 for p in lines)
