@@ -137,6 +137,13 @@ class FusedOpsPlugin(AccelerationPlugin):
             ctx.report.add(self.name, f"{lines[0][0]} (the trainer's fused_lm_head calls)", 1)
             if ctx.fsdp:
                 self._shard_vocabulary(base, ctx)
+        if self.keys["loss_filter_on_device"]:
+            from .loss_filter import filter_losses_on_device
+
+            if filter_losses_on_device(trainer):
+                ctx.report.add(self.name, "trainer NaN/Inf loss filter -> on the device (no host wait a step)", 1)
+            else:
+                ctx.report.note(self.name, "loss_filter_on_device: logging_nan_inf_filter is off; nothing to move")
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
         if self.requested and ctx.args.get("gradient_checkpointing") and not self.keys["compile_layers"]:

@@ -41,6 +41,10 @@ _KEYS = {
                                        help="under gradient checkpointing, the last N decoder layers are never "
                                             "checkpointed; the last one costs about no peak memory (its activations "
                                             "stand in for its recompute's)"),
+    "loss_filter_on_device": ConfigKey(bool, default=False,
+                                       help="the trainer's NaN/Inf loss filter (logging_nan_inf_filter) as one "
+                                            "torch.where on the device, instead of a host wait for every step's "
+                                            "loss; the logged losses are the same"),
     "activation_budget_gib": ConfigKey((int, float, type(None)), default=None,
                                        help="under gradient checkpointing, each step runs its last decoder layers "
                                             "unchecked while their activations fit in this many GiB: short "
