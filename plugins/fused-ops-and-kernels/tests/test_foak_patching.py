@@ -287,6 +287,24 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls)
     assert not mlps[0]._foak_offload.saved  # taken by the backward
 
 
+
+def test_an_offloaded_layers_copy_waits_for_the_earlier_copies_but_the_one_of_the_layer_below(monkeypatch):
+    """The compute stream waits for every earlier copy to the host before the next one, except the copy of the
+    layer directly below when that layer is offloaded too (its copy outlasts a layer's forward on the GPU); the
+    recompute waits for them all. What is waited for is released (at most two layers' gate/up are held)."""
+    from fmsaccel_foak import offload
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("S", (), {"wait_event": waited.append})())
+    monkeypatch.setattr(offload, "_in_flight", [("copy 3", 3, "g", "u"), ("copy 5", 5, "g", "u")])
+    offload.retire_in_flight(keep=5)  # layer 6's copy: layer 5, right below it, keeps its copy going
+    assert waited == ["copy 3"] and [e[0] for e in offload._in_flight] == ["copy 5"]
+    offload.retire_in_flight(keep=8)  # layer 9's copy: nothing offloaded right below it
+    assert waited == ["copy 3", "copy 5"] and offload._in_flight == []
+    offload._in_flight.extend([("copy 6", 6, "g", "u"), ("copy 7", 7, "g", "u")])
+    offload.retire_in_flight()  # the backward's first recompute
+    assert waited[2:] == ["copy 6", "copy 7"] and offload._in_flight == []
+
 def test_offload_mlp_activations_needs_the_fused_mlp():
     with pytest.raises(PluginError, match="needs fused_lora: true and fast_swiglu: true"):
         build(fused_lora=True, offload_mlp_activations=2)
