@@ -288,6 +288,36 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls)
 
 
 
+
+@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
+def test_the_recompute_reuses_the_forwards_dropped_down_products(base_layer, monkeypatch):
+    """``dropout_in_kernel`` under checkpointing: the forward keeps each projection's ``(x * keep) @ A^T`` for the
+    recompute, which replays the same seed on the same input, so that kernel runs once per projection and step,
+    with PEFT's loss and gradients (PEFT drawing the kernels' masks)."""
+    from foak_testing import use_kernel_masks
+
+    from fmsaccel_foak.ops import lora_dropout
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets, 0.1)
+    use_kernel_masks(model)
+    ids, labels = _batch()
+    want = _step(model, input_ids=ids, labels=labels)
+    ctx = TrainContext(args={"gradient_checkpointing": True})
+    plugin = build(base_layer=base_layer, fused_lora=True, dropout_in_kernel=True, **ALL_KERNELS)
+    model = plugin.augment(model, ctx)
+    plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    launches = []
+    original = lora_dropout.dropped_down
+    monkeypatch.setattr(lora_dropout, "dropped_down", lambda *a: launches.append(1) or original(*a))
+    for _ in range(2):
+        launches.clear()
+        _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5 if DEVICE == "cpu" else 1e-4)
+        assert len(launches) == len(targets) * len(model.get_base_model().model.layers)  # the forward's only
+    assert not any("_foak_down_product" in m.__dict__ for m in model.modules())  # all taken by the recompute
+
 def test_an_offloaded_layers_copy_waits_for_the_earlier_copies_but_the_one_of_the_layer_below(monkeypatch):
     """The compute stream waits for every earlier copy to the host before the next one, except the copy of the
     layer directly below when that layer is offloaded too (its copy outlasts a layer's forward on the GPU); the
