@@ -73,7 +73,7 @@ def main() -> None:
         counter.tokens += mask.sum() if mask is not None else kwargs["input_ids"].numel()
 
     config = SFTConfig(output_dir="/tmp/plain-trl", per_device_train_batch_size=a.batch, max_steps=a.steps,
-                       learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", max_length=4096,
+                       learning_rate=2e-4, save_strategy="no", report_to="none", max_length=4096,  # TRL's logging_steps
                        gradient_checkpointing=not a.no_gradient_checkpointing, use_liger_kernel=a.liger)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
