@@ -289,8 +289,8 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls)
 
 
 
-@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
-def test_the_recompute_reuses_the_forwards_dropped_down_products(base_layer, monkeypatch):
+@pytest.mark.parametrize("base_layer,selective", [(None, False), ("bitsandbytes", False), ("bitsandbytes", 1)])
+def test_the_recompute_reuses_the_forwards_dropped_down_products(base_layer, selective, monkeypatch):
     """``dropout_in_kernel`` under checkpointing: the forward keeps each projection's ``(x * keep) @ A^T`` for the
     recompute, which replays the same seed on the same input, so that kernel runs once per projection and step,
     with PEFT's loss and gradients (PEFT drawing the kernels' masks)."""
@@ -304,7 +304,8 @@ def test_the_recompute_reuses_the_forwards_dropped_down_products(base_layer, mon
     ids, labels = _batch()
     want = _step(model, input_ids=ids, labels=labels)
     ctx = TrainContext(args={"gradient_checkpointing": True})
-    plugin = build(base_layer=base_layer, fused_lora=True, dropout_in_kernel=True, **ALL_KERNELS)
+    plugin = build(base_layer=base_layer, fused_lora=True, dropout_in_kernel=True, selective_checkpointing=selective,
+                   **ALL_KERNELS)
     model = plugin.augment(model, ctx)
     plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
     model.gradient_checkpointing_enable()
