@@ -104,6 +104,11 @@ _streams: dict[torch.device, torch.cuda.Stream] = {}
 _in_flight: list = []
 
 
+def in_flight() -> bool:
+    """Whether copies to the host are still held (not yet waited for by the compute stream)."""
+    return bool(_in_flight)
+
+
 def retire_in_flight(keep: int | None = None) -> None:
     """The compute stream waits for the copies to the host (but layer ``keep``'s), whose gate/up are released."""
     kept = [entry for entry in _in_flight if entry[1] == keep]
@@ -119,15 +124,23 @@ def _side_stream(device: torch.device):
     return _streams[device]
 
 
-def offload_layers(mlps: list[nn.Module], count: int) -> list[int]:
-    """Give ``count`` of ``mlps`` (the checkpointed layers' MLPs, bottom up) an :class:`Offloaded`, evenly spread
-    from the first layer up (the lower a layer, the later its backward: more time for its copies). Every MLP
-    learns the nearest offloaded one below it, whose copies its recompute starts bringing back."""
-    count = min(count, len(mlps))
-    chosen = sorted({round(i * len(mlps) / count) for i in range(count)}) if count else []
+def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
+    """Give ``count`` of ``mlps`` an :class:`Offloaded`, evenly spread from the first layer up (the lower a layer,
+    the later its backward: more time for its copies).
+
+    ``mlps``: every decoder layer's MLP, bottom up, None where it cannot be offloaded (not checkpointed, or its
+    gate/up op saves something). Every MLP learns its layer index (its forward then frees the copies of the layers
+    below it but the one right below, :func:`retire_in_flight`) and the nearest offloaded MLP below it, whose copies
+    its recompute starts bringing back. Returns the chosen layer indices.
+    """
+    eligible = [index for index, mlp in enumerate(mlps) if mlp is not None]
+    count = min(count, len(eligible))
+    chosen = sorted({eligible[round(i * len(eligible) / count)] for i in range(count)}) if count else []
     below = None
     for index, mlp in enumerate(mlps):
-        mlp._foak_offload_below = below
+        if mlp is None:
+            continue
+        mlp._foak_layer_index, mlp._foak_offload_below = index, below
         if index in chosen:
             mlp._foak_offload = below = Offloaded(index)
     return chosen

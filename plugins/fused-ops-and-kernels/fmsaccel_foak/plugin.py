@@ -167,23 +167,31 @@ class FusedOpsPlugin(AccelerationPlugin):
             ctx.report.add(self.name, f"gradient checkpointing -> selective (attention outputs kept) in {len(chosen)} "
                                       f"of {len(layers)} layers", 1)
         if self.keys["offload_mlp_activations"]:
-            self._offload_mlps(checkpointed, ctx)
+            self._offload_mlps(layers, len(checkpointed), ctx)
 
-    def _offload_mlps(self, checkpointed: list, ctx: TrainContext) -> None:
+    def _offload_mlps(self, layers: list, checkpointed: int, ctx: TrainContext) -> None:
         from .offload import offload_layers
 
         if ctx.fsdp:
             ctx.report.note(self.name, "offload_mlp_activations unused under FSDP")
             return
-        fused = [getattr(layer, "mlp", None) for layer in checkpointed]
-        fused = [mlp for mlp in fused if mlp is not None and "_foak_keep_weights" in mlp.__dict__]
-        mlps = [mlp for mlp in fused if not any(hasattr(p, "lora_A") for p in (mlp.gate_proj, mlp.up_proj))]
-        if not mlps:
+
+        def eligible(index: int, mlp) -> bool:  # checkpointed, fused, and its gate/up op saves nothing
+            return (index < checkpointed and mlp is not None and "_foak_keep_weights" in mlp.__dict__
+                    and not any(hasattr(p, "lora_A") for p in (mlp.gate_proj, mlp.up_proj)))
+
+        mlps = [getattr(layer, "mlp", None) for layer in layers]
+        mlps = [mlp if eligible(i, mlp) else None for i, mlp in enumerate(mlps)]
+        if not any(mlps):
             raise PluginError("offload_mlp_activations: no checkpointed layer has a fused MLP without LoRA on gate/up "
                               "(the recompute must save the same tensors with or without their matmuls)")
+        for index, layer in enumerate(layers):  # the layers above (or between) the offloaded ones free their copies
+            mlp = getattr(layer, "mlp", None)
+            if mlp is not None and mlps[index] is None:
+                mlp._foak_layer_index = index
         chosen = offload_layers(mlps, self.keys["offload_mlp_activations"])
         ctx.report.add(self.name, f"gradient checkpointing -> MLP gate/up of {len(chosen)} layers offloaded to host "
-                                  f"memory for the recompute (of {len(mlps)} eligible)", 1)
+                                  f"memory for the recompute (of {sum(m is not None for m in mlps)} eligible)", 1)
 
     def _budget_checkpointing(self, base, ctx: TrainContext) -> None:
         from fmsaccel_framework.compiling import decoder_layers

@@ -336,6 +336,38 @@ def test_an_offloaded_layers_copy_waits_for_the_earlier_copies_but_the_one_of_th
     offload.retire_in_flight()  # the backward's first recompute
     assert waited[2:] == ["copy 6", "copy 7"] and offload._in_flight == []
 
+
+def test_a_forward_past_offloaded_layers_frees_their_copies_but_the_one_right_below(monkeypatch):
+    """Offloaded layers are chosen among the eligible ones by decoder position; a later layer's MLP forward makes
+    the compute stream wait for the copies of the layers below it but the one right below (still running), so
+    their gate/up are not held through the rest of the forward and the loss."""
+    from fmsaccel_foak import offload
+
+    model, _, _, ctx = _checkpointed("bitsandbytes", ["q_proj", "k_proj", "v_proj", "o_proj"], 0.0,
+                                     offload_mlp_activations=1)
+    mlps = [layer.mlp for layer in model.get_base_model().model.layers]
+    assert [m._foak_layer_index for m in mlps] == list(range(len(mlps)))
+    assert mlps[0]._foak_offload.index == 0 and all("_foak_offload" not in m.__dict__ for m in mlps[1:])
+    top = len(mlps) - 1
+    waited = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("S", (), {"wait_event": waited.append})())
+    monkeypatch.setattr(offload, "_in_flight", [("older", top - 2, "g", "u"), ("right below", top - 1, "g", "u")])
+    with torch.no_grad():
+        mlps[top](torch.randn(1, 3, mlps[top].gate_proj.in_features, device=DEVICE))
+    assert waited == ["older"] and [e[0] for e in offload._in_flight] == ["right below"]
+
+
+def test_offloaded_layers_are_spread_over_the_eligible_ones_by_position():
+    from torch import nn
+
+    from fmsaccel_foak.offload import offload_layers
+
+    mlps = [nn.Module() if i not in (1, 4) else None for i in range(8)]  # 1 and 4: not eligible
+    chosen = offload_layers(mlps, 3)
+    assert chosen == [0, 3, 6] and all(mlps[i]._foak_offload.index == i for i in chosen)
+    assert [m._foak_offload_below.index if m._foak_offload_below else None for m in mlps if m is not None] == [
+        None, 0, 0, 3, 3, 6]  # layers 0, 2, 3, 5, 6, 7: the nearest offloaded one strictly below each
+
 def test_offload_mlp_activations_needs_the_fused_mlp():
     with pytest.raises(PluginError, match="needs fused_lora: true and fast_swiglu: true"):
         build(fused_lora=True, offload_mlp_activations=2)
