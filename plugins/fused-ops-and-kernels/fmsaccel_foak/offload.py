@@ -36,7 +36,7 @@ class Offloaded:
     def save(self, gate: torch.Tensor, up: torch.Tensor) -> None:
         """Copy this forward's gate/up to the host (asynchronously on a GPU)."""
         if self.on_device is not None and self.copied is not None:  # brought back but never taken: let the copy
-            torch.cuda.current_stream().wait_event(self.copied)  # land before its buffers can be reused
+            _compute_stream_waits_for(self.copied)  # land before its buffers can be reused
         self.on_device = None
         if not gate.is_cuda:
             self.host, self.saved = (gate.detach().clone(), up.detach().clone()), True
@@ -87,7 +87,7 @@ class Offloaded:
             return None
         self.prefetch()
         if self.copied is not None:
-            torch.cuda.current_stream().wait_event(self.copied)
+            _compute_stream_waits_for(self.copied)
         taken, self.on_device, self.saved = self.on_device, None, False
         return taken
 
@@ -114,8 +114,13 @@ def retire_in_flight(keep: int | None = None) -> None:
     kept = [entry for entry in _in_flight if entry[1] == keep]
     for done, index, *_ in _in_flight:
         if index != keep:
-            torch.cuda.current_stream().wait_event(done)
+            _compute_stream_waits_for(done)
     _in_flight[:] = kept
+
+
+def _compute_stream_waits_for(event) -> None:
+    """Work queued from now on the current (compute) stream starts after ``event``; the host does not wait."""
+    torch.cuda.current_stream().wait_event(event)
 
 
 def _side_stream(device: torch.device):

@@ -326,7 +326,7 @@ def test_an_offloaded_layers_copy_waits_for_the_earlier_copies_but_the_one_of_th
     from fmsaccel_foak import offload
 
     waited = []
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("S", (), {"wait_event": waited.append})())
+    monkeypatch.setattr(offload, "_compute_stream_waits_for", waited.append)
     monkeypatch.setattr(offload, "_in_flight", [("copy 3", 3, "g", "u"), ("copy 5", 5, "g", "u")])
     offload.retire_in_flight(keep=5)  # layer 6's copy: layer 5, right below it, keeps its copy going
     assert waited == ["copy 3"] and [e[0] for e in offload._in_flight] == ["copy 5"]
@@ -350,7 +350,7 @@ def test_a_forward_past_offloaded_layers_frees_their_copies_but_the_one_right_be
     assert mlps[0]._foak_offload.index == 0 and all("_foak_offload" not in m.__dict__ for m in mlps[1:])
     top = len(mlps) - 1
     waited = []
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("S", (), {"wait_event": waited.append})())
+    monkeypatch.setattr(offload, "_compute_stream_waits_for", waited.append)
     monkeypatch.setattr(offload, "_in_flight", [("older", top - 2, "g", "u"), ("right below", top - 1, "g", "u")])
     with torch.no_grad():
         mlps[top](torch.randn(1, 3, mlps[top].gate_proj.in_features, device=DEVICE))
