@@ -289,15 +289,10 @@ class RunMetrics(TrainerCallback):
 
     def _queue_progress(self, step: int, max_steps: int) -> None:
         """Copy this step's loss and token count to host memory behind the step's work (no wait)."""
-        nan = float("nan")
         loss = self.step_losses[-1] if self.step_losses else None
-        if loss is None and self.tokens is None:
-            values = torch.tensor([nan, nan], dtype=torch.float64)
-        else:
-            like = loss if loss is not None else self.tokens
-            values = torch.stack([t.detach().double().reshape(()) if t is not None else
-                                  torch.tensor(nan, dtype=torch.float64, device=like.device)
-                                  for t in (loss, self.tokens)])
+        device = next((t.device for t in (loss, self.tokens) if t is not None), None)
+        values = torch.stack([torch.as_tensor(float("nan") if t is None else t.detach(), dtype=torch.float64,
+                                              device=device).reshape(()) for t in (loss, self.tokens)])
         event = None
         if values.is_cuda:
             host = torch.empty(2, dtype=torch.float64, pin_memory=True)
