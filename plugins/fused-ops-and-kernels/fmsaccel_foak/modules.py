@@ -141,7 +141,7 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
             below = self.__dict__.get("_foak_offload_below")
             if below is not None:  # the next offloaded layer down starts coming back during this one's backward
                 below.prefetch()
-        elif eager and offload is None and offload_module.in_flight():
+        elif eager and offload is None:
             # a forward past offloaded layers: their copies to the host are done with on the device (but the copy
             # of the layer right below, which may still be running), so their gate/up are freed here, not held
             # through the rest of the forward and the loss

@@ -104,11 +104,6 @@ _streams: dict[torch.device, torch.cuda.Stream] = {}
 _in_flight: list = []
 
 
-def in_flight() -> bool:
-    """Whether copies to the host are still held (not yet waited for by the compute stream)."""
-    return bool(_in_flight)
-
-
 def retire_in_flight(keep: int | None = None) -> None:
     """The compute stream waits for the copies to the host (but layer ``keep``'s), whose gate/up are released."""
     kept = [entry for entry in _in_flight if entry[1] == keep]
@@ -134,9 +129,8 @@ def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
     the later its backward: more time for its copies).
 
     ``mlps``: every decoder layer's MLP, bottom up, None where it cannot be offloaded (not checkpointed, or its
-    gate/up op saves something). Every MLP learns its layer index (its forward then frees the copies of the layers
-    below it but the one right below, :func:`retire_in_flight`) and the nearest offloaded MLP below it, whose copies
-    its recompute starts bringing back. Returns the chosen layer indices.
+    gate/up op saves something). Every MLP learns the nearest offloaded MLP below it, whose copies its recompute
+    starts bringing back. Returns the chosen layer indices.
     """
     eligible = [index for index, mlp in enumerate(mlps) if mlp is not None]
     count = min(count, len(eligible))
@@ -145,7 +139,7 @@ def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
     for index, mlp in enumerate(mlps):
         if mlp is None:
             continue
-        mlp._foak_layer_index, mlp._foak_offload_below = index, below
+        mlp._foak_offload_below = below
         if index in chosen:
             mlp._foak_offload = below = Offloaded(index)
     return chosen

@@ -181,14 +181,13 @@ class FusedOpsPlugin(AccelerationPlugin):
                     and not any(hasattr(p, "lora_A") for p in (mlp.gate_proj, mlp.up_proj)))
 
         mlps = [getattr(layer, "mlp", None) for layer in layers]
+        for index, mlp in enumerate(mlps):  # each MLP's forward frees the copies of the offloaded layers below it
+            if mlp is not None:
+                mlp._foak_layer_index = index
         mlps = [mlp if eligible(i, mlp) else None for i, mlp in enumerate(mlps)]
         if not any(mlps):
             raise PluginError("offload_mlp_activations: no checkpointed layer has a fused MLP without LoRA on gate/up "
                               "(the recompute must save the same tensors with or without their matmuls)")
-        for index, layer in enumerate(layers):  # the layers above (or between) the offloaded ones free their copies
-            mlp = getattr(layer, "mlp", None)
-            if mlp is not None and mlps[index] is None:
-                mlp._foak_layer_index = index
         chosen = offload_layers(mlps, self.keys["offload_mlp_activations"])
         ctx.report.add(self.name, f"gradient checkpointing -> MLP gate/up of {len(chosen)} layers offloaded to host "
                                   f"memory for the recompute (of {sum(m is not None for m in mlps)} eligible)", 1)
