@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import PROGRESS_TAG, memory
+from . import PROGRESS_TAG, gpu_idle, memory
 
 
 def is_main_process() -> bool:
@@ -217,13 +217,20 @@ class RunMetrics(TrainerCallback):
         # FMSACCEL_PROFILE=1: profile the last two warm-up steps (never the measured ones)
         if os.environ.get("FMSACCEL_PROFILE") and state.global_step - self.first_step == self.warmup_steps - 2:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
+                                                               torch.profiler.ProfilerActivity.CUDA],
+                                                   # the Python call sites of host syncs (gpu_idle), at a cost
+                                                   with_stack=os.environ["FMSACCEL_PROFILE"] == "stack")
             self.profiler.__enter__()
 
     def _write_profile(self, output_dir: str, model=None) -> None:
         self._sync()
         self.profiler.__exit__(None, None, None)
         table = profile_summary(self.profiler.key_averages())
+        if torch.cuda.is_available():
+            try:
+                table += "\n" + gpu_idle.gpu_idle_summary(self.profiler.events())
+            except Exception as e:  # noqa: BLE001 - a diagnostic must not fail the run
+                table += f"\nGPU idle: unavailable ({type(e).__name__}: {e})"
         guards = guard_summary(model) if model is not None else ""
         if guards:
             table += "\n" + guards

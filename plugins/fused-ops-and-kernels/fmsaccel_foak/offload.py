@@ -14,12 +14,26 @@ are exact. Without CUDA (the tests) the "host" copies are plain clones.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 logger = logging.getLogger("fmsaccel_foak")
+
+
+def _outside_dispatch_modes(method):
+    """Run an offload step outside any dispatch mode: a selective checkpoint's replays the recompute op by op
+    against its forward, and the copies (whose ops differ between the two) are no op of the layer."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with _disable_current_modes():
+            return method(*args, **kwargs)
+
+    return wrapped
 
 
 class Offloaded:
@@ -33,6 +47,7 @@ class Offloaded:
         self.copied = None  # CUDA event: the last copy (to host, then back) done
         self.saved = False
 
+    @_outside_dispatch_modes
     def save(self, gate: torch.Tensor, up: torch.Tensor) -> None:
         """Copy this forward's gate/up to the host (asynchronously on a GPU)."""
         if self.on_device is not None and self.copied is not None:  # brought back but never taken: let the copy
@@ -63,6 +78,7 @@ class Offloaded:
         _in_flight.append((self.copied, self.index, gate, up))
         self.saved = True
 
+    @_outside_dispatch_modes
     def prefetch(self) -> None:
         """Start bringing the copies back (no-op when already on their way or nothing was saved)."""
         if not self.saved or self.on_device is not None:
@@ -81,6 +97,7 @@ class Offloaded:
             self.copied.record(stream)
         self.on_device = back
 
+    @_outside_dispatch_modes
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """gate/up for the recompute (waiting for their copy); None if none were saved this step."""
         if not self.saved:

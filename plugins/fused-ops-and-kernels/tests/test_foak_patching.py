@@ -264,16 +264,18 @@ def test_recompute_leaves_out_the_swiglu_output_nothing_saves(base_layer, mlp_lo
         [False, True] if selective else [False, False])
 
 
-@pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
-def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, calls):
+@pytest.mark.parametrize("base_layer,selective", [(None, False), ("bitsandbytes", False), ("bitsandbytes", True)])
+def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, selective, calls):
     """``offload_mlp_activations``: the offloaded layer's recompute takes gate/up back instead of rerunning their op.
 
     Fused ops per step: 4 per layer in the forward; the recompute reruns q/k/v, o and gate/up
     (the SwiGLU's saved tensors end it), and in the offloaded layer only q/k/v and o. Same
-    loss and gradients as the unpatched model.
+    loss and gradients as the unpatched model, also where the layers keep their attention
+    outputs too (selective checkpointing).
     """
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["down_proj"] if base_layer is None else [])
-    model, want, (ids, labels), ctx = _checkpointed(base_layer, targets, SAME_STREAM_DROPOUT, offload_mlp_activations=1)
+    model, want, (ids, labels), ctx = _checkpointed(base_layer, targets, SAME_STREAM_DROPOUT, offload_mlp_activations=1,
+                                                    selective_checkpointing=selective)
     assert "MLP gate/up of 1 layers offloaded to host memory for the recompute (of 2 eligible)" in "\n".join(
         ctx.report.lines())
     calls.clear()
