@@ -33,9 +33,9 @@ collect() {
     > $DETAILS/logs-$2.txt
   for f in $(find $1 -name "*.log"); do echo "=== $f"; grep -A4 "Recompiling" "$f" | head -60; done > $DETAILS/recompiles-$2.txt
   for f in $(find $1 -name memory_peak.txt); do echo "=== $f"; head -25 "$f"; done > $DETAILS/memory-$2.txt  # FMSACCEL_MEMORY
+  for f in $(find $1 -name profile.txt); do echo "=== $f"; cat "$f"; done > $DETAILS/profiles-$2.txt
 }
 collect $BENCH $WORKLOAD
-for f in $(find $BENCH -name profile.txt); do echo "=== $f"; cat "$f"; done > $DETAILS/profiles-$WORKLOAD.txt
 # Variants (VARIANT_RECIPES set): the same workload on the same machine, once per entry of
 # VARIANTS="label=set:KEY=VALUE label2=env:NAME=VALUE ...": --set options for the run (several joined by +), or an
 # environment variable, e.g. compile_model=set:plugins.peft.quantization.fused_ops_and_kernels.compile_layers=model

@@ -143,7 +143,8 @@ def _side_stream(device: torch.device):
 
 def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
     """Give ``count`` of ``mlps`` an :class:`Offloaded`, evenly spread from the first layer up (the lower a layer,
-    the later its backward: more time for its copies).
+    the later its backward: more time for its copies), the top eligible layer last of all: its recompute is the
+    backward's first, with no recompute above it to start bringing its copies back (s18c2: a 17 ms stall a step).
 
     ``mlps``: every decoder layer's MLP, bottom up, None where it cannot be offloaded (not checkpointed, or its
     gate/up op saves something). Every MLP learns the nearest offloaded MLP below it, whose copies its recompute
@@ -151,7 +152,7 @@ def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
     """
     eligible = [index for index, mlp in enumerate(mlps) if mlp is not None]
     count = min(count, len(eligible))
-    chosen = sorted({eligible[round(i * len(eligible) / count)] for i in range(count)}) if count else []
+    chosen = [eligible[i * len(eligible) // count] for i in range(count)]
     below = None
     for index, mlp in enumerate(mlps):
         if mlp is None:

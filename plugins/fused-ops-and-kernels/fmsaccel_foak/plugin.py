@@ -144,6 +144,14 @@ class FusedOpsPlugin(AccelerationPlugin):
                 ctx.report.add(self.name, "trainer NaN/Inf loss filter -> on the device (no host wait a step)", 1)
             else:
                 ctx.report.note(self.name, "loss_filter_on_device: logging_nan_inf_filter is off; nothing to move")
+        if self.keys["non_blocking_batches"]:
+            from .batches import copy_batches_without_waiting
+
+            if copy_batches_without_waiting(trainer):
+                ctx.report.add(self.name, "batch copies to the device -> queued (no host wait a step)", 1)
+            else:
+                ctx.report.note(self.name, "non_blocking_batches unused: dataloader_pin_memory is off (a copy from "
+                                           "pageable memory waits anyway)")
         if self.keys["compile_layers"]:
             self._compile_layers(base, ctx)
         if self.requested and ctx.args.get("gradient_checkpointing") and not self.keys["compile_layers"]:

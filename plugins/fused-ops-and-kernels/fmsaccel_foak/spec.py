@@ -45,6 +45,10 @@ _KEYS = {
                                        help="the trainer's NaN/Inf loss filter (logging_nan_inf_filter) as one "
                                             "torch.where on the device, instead of a host wait for every step's "
                                             "loss; the logged losses are the same"),
+    "non_blocking_batches": ConfigKey(bool, default=False,
+                                      help="each batch's copy to the GPU is queued (pinned memory, accelerate's "
+                                           "non_blocking) instead of making the host wait for the GPU to drain at "
+                                           "every step"),
     "activation_budget_gib": ConfigKey((int, float, type(None)), default=None,
                                        help="under gradient checkpointing, each step runs its last decoder layers "
                                             "unchecked while their activations fit in this many GiB: short "

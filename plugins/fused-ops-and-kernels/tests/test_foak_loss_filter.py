@@ -1,4 +1,5 @@
-"""loss_filter_on_device: transformers' NaN/Inf loss filter as a torch.where, with the same logged losses."""
+"""The trainer's per-step host waits foak removes: the NaN/Inf loss filter as a torch.where, with the same logged
+losses (loss_filter_on_device), and the batch copies queued (non_blocking_batches)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,26 @@ def test_the_plugin_moves_the_filter_and_reports_it():
     plugin.prepare_trainer(trainer, ctx)
     assert trainer.args.logging_nan_inf_filter is False
     assert any("NaN/Inf loss filter" in line for line in ctx.report.lines())
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_batches_are_copied_without_a_host_wait_where_they_are_pinned(pinned):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from foak_testing import build_plugin, tiny_model
+    from torch.utils.data import DataLoader
+
+    from fmsaccel_framework.plugin import TrainContext
+
+    plugin, ctx = build_plugin(fast_rms_layernorm=True, non_blocking_batches=True), TrainContext(args={})
+    model = plugin.augment(tiny_model("llama"), ctx)
+    accelerator = Accelerator(cpu=True)
+    trainer = SimpleNamespace(model=model, accelerator=accelerator,
+                              args=SimpleNamespace(logging_nan_inf_filter=True, dataloader_pin_memory=pinned))
+    plugin.prepare_trainer(trainer, ctx)
+    assert accelerator.prepare(DataLoader(list(range(4)), batch_size=2))._non_blocking is pinned
+    if pinned:
+        assert any("batch copies to the device -> queued" in line for line in ctx.report.lines())
+    else:
+        assert any("dataloader_pin_memory is off" in note for _, note in ctx.report.notes)

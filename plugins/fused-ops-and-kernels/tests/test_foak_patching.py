@@ -369,6 +369,8 @@ def test_offloaded_layers_are_spread_over_the_eligible_ones_by_position():
     assert chosen == [0, 3, 6] and all(mlps[i]._foak_offload.index == i for i in chosen)
     assert [m._foak_offload_below.index if m._foak_offload_below else None for m in mlps if m is not None] == [
         None, 0, 0, 3, 3, 6]  # layers 0, 2, 3, 5, 6, 7: the nearest offloaded one strictly below each
+    assert offload_layers(mlps, 5) == [0, 2, 3, 5, 6]  # the top one, whose copies nothing brings back early, spared
+    assert offload_layers(mlps, 6) == offload_layers(mlps, 9) == [0, 2, 3, 5, 6, 7]
 
 def test_offload_mlp_activations_needs_the_fused_mlp():
     with pytest.raises(PluginError, match="needs fused_lora: true and fast_swiglu: true"):
