@@ -7,8 +7,10 @@ it replaces (a ``bernoulli_`` mask kept in bf16 and its multiplies) and of the m
 (the same bytes at the copy bandwidth measured here), so one run says whether a kernel is
 bandwidth-bound or spends its time in the random draws. ``rng`` rows time the draws alone:
 one Philox per element (the kernels until s15c1) and the kernels' own draw (``lora_dropout._keep``:
-one per eight elements, 16 bits an element). ``tiles`` rows sweep each kernel's
-``(BLOCK_M, BLOCK_K, num_warps)`` (``lora_dropout.GPU_TILES``), the shipped tiles first.
+one per eight elements, 16 bits an element). ``three projections`` rows time the ``*_multi`` kernels, which
+read ``x`` (or read and write ``dx``) once for q/k/v, each with its own seed, against three single launches.
+``tiles`` rows sweep each kernel's ``(BLOCK_M, BLOCK_K, num_warps)`` (``lora_dropout.GPU_TILES``), the
+shipped tiles first.
 Every time is GPU time: the calls are replayed from a CUDA graph.
 
     python benchmarks/gpu/lora_dropout_kernels.py            # needs a CUDA device
@@ -117,12 +119,38 @@ def main() -> int:
     for name, kernel, torch_path, kernel_tensors, torch_tensors in rows:
         print(f"{name:22s} {timed(kernel):10.3f} {timed(torch_path):10.3f} {floor(kernel_tensors):13.3f} "
               f"{floor(torch_tensors):12.3f}")
+    # q/k/v: three projections of the same x, each its own seed and A (and dxa in the backward)
+    a3 = torch.randn(3, R, K, device=dev, dtype=bf16) * 0.02
+    dxa3 = torch.randn(3, M, R, device=dev, dtype=bf16)
+    seeds3 = torch.cat([lora_dropout.draw_seed(dev) for _ in range(3)])
+    multi = [
+        ("down", lambda: lora_dropout.dropped_down_multi(x, a3, seeds3, P),
+         lambda: [lora_dropout.dropped_down(x, a3[j], seeds3[j:j + 1], P) for j in range(3)], 1),
+        ("dA", lambda: lora_dropout.dropped_weight_grad_multi(dxa3, x, seeds3, P),
+         lambda: [lora_dropout.dropped_weight_grad(dxa3[j], x, seeds3[j:j + 1], P) for j in range(3)], 1),
+        ("dx", lambda: lora_dropout.add_dropped_input_grad_multi(dx, dxa3, a3, seeds3, P),
+         lambda: [lora_dropout.add_dropped_input_grad(dx, dxa3[j], a3[j], seeds3[j:j + 1], P) for j in range(3)], 2),
+    ]
+    fused_dx, single_dx = dx.clone(), dx.clone()  # compiled kernels agree (bf16 rounding apart: a wrong mask is O(1))
+    lora_dropout.add_dropped_input_grad_multi(fused_dx, dxa3, a3, seeds3, P)
+    for j in range(3):
+        lora_dropout.add_dropped_input_grad(single_dx, dxa3[j], a3[j], seeds3[j:j + 1], P)
+    pairs = [(name, fused(), torch.stack(singles())) for name, fused, singles, _ in multi[:2]]
+    print("fused against single launches, max |diff|: " + ", ".join(
+        f"{name} {(u.float() - v.float()).abs().max().item():.2e} (of {v.float().abs().max().item():.1f})"
+        for name, u, v in [*pairs, ("dx", fused_dx, single_dx)]))
+    print(f"{'three projections':22s} {'fused ms':>10s} {'3 singles':>10s} {'fused floor':>12s}")
+    for name, fused, singles, tensors in multi:
+        print(f"{name:22s} {timed(fused):10.3f} {timed(singles):10.3f} {floor(tensors):12.3f}")
     # tile sweep: (BLOCK_M, BLOCK_K, num_warps) per kernel, the shipped GPU_TILES first
     shipped = dict(lora_dropout.GPU_TILES)
     sweeps = {
         "down": (rows[0][1], [(m, k, w) for m in (16, 32, 64, 128) for k in (64, 128, 256) for w in (4, 8)]),
         "weight_grad": (rows[1][1], [(m, k, w) for m in (32, 64, 128) for k in (32, 64, 128) for w in (4, 8)]),
         "input_grad": (rows[2][1], [(m, k, w) for m in (32, 64, 128) for k in (64, 128, 256) for w in (4, 8)]),
+        "down_multi": (multi[0][1], [(m, k, w) for m in (16, 32, 64) for k in (32, 64, 128) for w in (4, 8)]),
+        "weight_grad_multi": (multi[1][1], [(m, k, w) for m in (32, 64, 128) for k in (32, 64, 128) for w in (4, 8)]),
+        "input_grad_multi": (multi[2][1], [(m, k, w) for m in (16, 32, 64) for k in (64, 128, 256) for w in (4, 8)]),
     }
     for kernel_name, (launch, tiles) in sweeps.items():
         results = []

@@ -260,3 +260,73 @@ def test_dropout_in_kernel_is_a_fused_lora_option_and_says_so():
     ctx = TrainContext(args={})
     build_plugin(path, fused_lora=True, dropout_in_kernel=True).augment(model, ctx)
     assert any("dropout_in_kernel" in note and "not PEFT's random stream" in note for _, note in ctx.report.notes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_proj", [2, 3])
+@pytest.mark.parametrize("rows,cols,rank,p,split_min_rows", [(37, 72, 4, 0.25, 2048), (70, 40, 16, 0.1, 8)])
+def test_multi_projection_kernels_draw_each_projections_own_mask(dtype, n_proj, rows, cols, rank, p, split_min_rows,
+                                                                 monkeypatch):
+    """Projections sharing ``x`` (q/k/v) in one launch, each with its own seed: the masks are exactly those the
+    per-projection kernels draw (``keep_mask`` of each seed) in ``(x * keep_j) @ A_j^T``, ``dxa_j^T @ (x * keep_j)``
+    (one or several row ranges) and ``dx += sum_j (dxa_j @ A_j) * keep_j``."""
+    monkeypatch.setattr(lora_dropout, "SPLIT_MIN_ROWS", split_min_rows)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
+    a = torch.randn(n_proj, rank, cols, generator=gen).to(DEVICE, dtype)
+    dxa = torch.randn(n_proj, rows, rank, generator=gen).to(DEVICE, dtype)
+    dx = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
+    seeds = torch.tensor([12345, 777, 4242][:n_proj], device=DEVICE)
+    keeps = [lora_dropout.keep_mask(seeds[j:j + 1], (rows, cols), p, torch.float32, DEVICE) for j in range(n_proj)]
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    down = lora_dropout.dropped_down_multi(x, a, seeds, p)
+    weight_grad = lora_dropout.dropped_weight_grad_multi(dxa, x, seeds, p)
+    assert down.shape == (n_proj, rows, rank) and down.dtype == dtype
+    assert weight_grad.shape == (n_proj, rank, cols) and weight_grad.dtype == torch.float32
+    want_dx = dx.float()
+    for j, keep in enumerate(keeps):
+        dropped = x.float() * keep
+        torch.testing.assert_close(down[j].float(), dropped @ a[j].float().t(), **tol)
+        torch.testing.assert_close(weight_grad[j], dxa[j].float().t() @ dropped, **tol)
+        want_dx = want_dx + (dxa[j].float() @ a[j].float()) * keep
+    lora_dropout.add_dropped_input_grad_multi(dx, dxa, a, seeds, p)
+    torch.testing.assert_close(dx.float(), want_dx, **tol)
+
+
+@pytest.mark.parametrize("case", ["qkv", "k-unused", "other-p"])
+def test_projections_sharing_x_share_the_dropout_launches(case, monkeypatch):
+    """q/k/v with in-kernel dropout, the same rank and p: one down, one weight-gradient and one input-gradient launch
+    for all three, and the outputs and gradients of one launch per projection (``MAX_PROJECTIONS = 1``). A
+    projection whose output gets no gradient leaves the backward's launches to the other two; another ``p`` keeps
+    the launches per projection."""
+    model = _peft_block(None, 0.25)
+    inner = model.base_model.model
+    if case == "other-p":
+        inner.v_proj.lora_dropout["default"].p = 0.5
+    layers = [inner.q_proj, inner.k_proj, inner.v_proj]
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    launches = []
+    for name in ("dropped_down", "dropped_weight_grad", "add_dropped_input_grad", "dropped_down_multi",
+                 "dropped_weight_grad_multi", "add_dropped_input_grad_multi"):
+        op = getattr(lora_dropout, name)
+        monkeypatch.setattr(lora_dropout, name, lambda *args, op=op, name=name: launches.append(name) or op(*args))
+
+    def run():
+        model.zero_grad()
+        launches.clear()
+        torch.manual_seed(5)
+        x_ = x.clone().requires_grad_()
+        q, k, v = fused_lora(x_, layers, dropout_in_kernel=True)
+        (q.square().sum() + v.square().sum() + (0 if case == "k-unused" else k.square().sum())).backward()
+        return [q, k, v, x_.grad, *(p.grad for p in model.parameters() if p.grad is not None)], sorted(launches)
+
+    got, fused_launches = run()
+    monkeypatch.setattr(lora_dropout, "MAX_PROJECTIONS", 1)
+    want, single_launches = run()
+    assert len(got) == len(want) == (8 if case == "k-unused" else 10)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    backward = ["dropped_weight_grad", "add_dropped_input_grad"] * (2 if case == "k-unused" else 3)
+    assert single_launches == sorted(["dropped_down"] * 3 + backward)
+    multi = ["add_dropped_input_grad_multi", "dropped_down_multi", "dropped_weight_grad_multi"]
+    assert fused_launches == (single_launches if case == "other-p" else multi)

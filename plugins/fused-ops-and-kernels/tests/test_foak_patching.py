@@ -315,6 +315,9 @@ def test_the_recompute_reuses_the_forwards_dropped_down_products(base_layer, sel
     launches = []
     original = lora_dropout.dropped_down
     monkeypatch.setattr(lora_dropout, "dropped_down", lambda *a: launches.append(1) or original(*a))
+    multi = lora_dropout.dropped_down_multi  # q/k/v in one launch: one product per projection
+    monkeypatch.setattr(lora_dropout, "dropped_down_multi",
+                        lambda *a: launches.extend([1] * a[1].shape[0]) or multi(*a))
     for _ in range(2):
         launches.clear()
         _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5 if DEVICE == "cpu" else 1e-4)

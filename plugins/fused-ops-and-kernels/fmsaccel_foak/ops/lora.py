@@ -17,7 +17,9 @@ that reads the same ``x`` (q/k/v, or gate/up). Compared with PEFT's module chain
 Dropout draws each projection's mask with :func:`dropout_mask` (``bernoulli_``), in
 projection order; checkpoint recompute replays them from the saved RNG state. With
 ``dropout_in_kernel`` the mask is drawn inside Triton kernels from a per-projection seed
-instead, and never stored (:mod:`.lora_dropout`). (Drawing
+instead, and never stored (:mod:`.lora_dropout`); projections of one call with the same rank
+and ``p`` then share each kernel launch, each with its own seed (the backward runs those after
+every base input gradient, so ``dx`` is read and written once for them all). (Drawing
 masks through ``F.dropout`` on a tensor of ones, to reproduce PEFT's RNG stream, cost
 four memory passes and a type-promoting multiply per projection: 13 % of a llama3-8b
 QLoRA step on the H100.)
@@ -80,30 +82,36 @@ class _FusedLoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         ctx.fp8 = fp8 and fp8_ops.applies(x2)
         x_fp8 = fp8_ops.QuantizedInput(x2) if ctx.fp8 else None  # quantised once for all projections
-        outputs, masks, products, kept, in_kernel, own_weights = [], [], [], [], [], []
-        weights = iter(lora_weights)
+        lora = [proj for proj in projections if proj.has_lora]
+        a_s, bs = [a.to(dtype) for a in lora_weights[0::2]], [b.to(dtype) for b in lora_weights[1::2]]
+        in_kernel = [bool(proj.dropout) and dropout_in_kernel and lora_dropout.applies(x2, a.shape[0])
+                     for proj, a in zip(lora, a_s, strict=True)]
+        masks: list[torch.Tensor | None] = [None] * len(lora)  # for in-kernel projections, the seed of the mask
+        products: list[torch.Tensor | None] = [None] * len(lora)
+        group = [i for i, seeded in enumerate(in_kernel) if seeded]
+        # in-kernel projections sharing their launches draw their seeds here, before any base matmul: the same
+        # stream as one at a time, as long as no bernoulli_ mask is drawn in between (none in the call, then)
+        if _one_launch([(a_s[i].shape[0], lora[i].dropout) for i in group]) and all(
+                seeded or not proj.dropout for proj, seeded in zip(lora, in_kernel, strict=True)):
+            seeds, xas = _seeded_down(x2, [lora[i] for i in group], [a_s[i] for i in group], down_products)
+            for i, seed, xa in zip(group, seeds, xas, strict=True):
+                masks[i], products[i] = seed, xa
+        outputs, kept, own_weights = [], [], []
+        lora_index = iter(range(len(lora)))
         for proj in projections:
             w = dequantize_base_weight(proj.base, dtype)
             bias = None if proj.base.bias is None else proj.base.bias.to(dtype)
             fp8_here = x_fp8 is not None and w.shape[0] % 16 == 0
             update = None
             if proj.has_lora:
-                a, b = next(weights).to(dtype), next(weights).to(dtype)
-                drawn_in_kernel = bool(proj.dropout) and dropout_in_kernel and lora_dropout.applies(x2, a.shape[0])
-                if drawn_in_kernel:  # the "mask" kept is the seed the kernels draw it from
-                    mask = lora_dropout.draw_seed(x2.device)  # drawn in the recompute too: the same stream after it
-                    xa = proj.base.__dict__.pop("_foak_down_product", None) if down_products == "take" else None
-                    if xa is None:
-                        xa = lora_dropout.dropped_down(x2, a, mask, proj.dropout)
-                    if down_products == "keep":
-                        proj.base.__dict__["_foak_down_product"] = xa
-                else:
-                    mask = dropout_mask(x2, proj.dropout) if proj.dropout else None
-                    xa = (x2 * mask if mask is not None else x2) @ a.t()
-                in_kernel.append(drawn_in_kernel)
-                masks.append(mask)
-                products.append(xa)
-                update = _low_rank_update(xa, b, proj.scaling / (1.0 - proj.dropout), None if fp8_here else bias)
+                i = next(lora_index)
+                if in_kernel[i] and products[i] is None:  # its own seed and launch
+                    (masks[i],), (products[i],) = _seeded_down(x2, [proj], [a_s[i]], down_products)
+                elif not in_kernel[i]:
+                    masks[i] = dropout_mask(x2, proj.dropout) if proj.dropout else None
+                    products[i] = (x2 * masks[i] if masks[i] is not None else x2) @ a_s[i].t()
+                update = _low_rank_update(products[i], bs[i], proj.scaling / (1.0 - proj.dropout),
+                                          None if fp8_here else bias)
             if fp8_here:
                 y = fp8_ops.linear(x_fp8, w, dtype)
                 if bias is not None:
@@ -123,8 +131,7 @@ class _FusedLoRA(torch.autograd.Function):
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.projections, ctx.dtype, ctx.x_dtype = projections, dtype, x.dtype
         ctx.in_kernel, ctx.own_weights = in_kernel, own_weights
-        has_lora = any(p.has_lora for p in projections)
-        ctx.save_for_backward(x2 if has_lora else None, *lora_weights, *masks, *products, *kept)
+        ctx.save_for_backward(x2 if lora else None, *lora_weights, *masks, *products, *kept)
         return tuple(outputs)
 
     @staticmethod
@@ -136,8 +143,13 @@ class _FusedLoRA(torch.autograd.Function):
         lora_weights, saved = saved[: 2 * n_lora], saved[2 * n_lora:]
         masks, products, kept = saved[:n_lora], saved[n_lora: 2 * n_lora], saved[2 * n_lora:]
         need_dx = ctx.needs_input_grad[0]
+        lora = [(proj, grad) for proj, grad in zip(projections, grads, strict=True) if proj.has_lora]
+        # in-kernel projections that share their launches: their kernels run after every base input gradient
+        shared = _one_launch([(lora_weights[2 * i].shape[0], proj.dropout) for i, (proj, grad) in enumerate(lora)
+                              if ctx.in_kernel[i] and grad is not None])
         dx = None
         lora_grads: list[torch.Tensor | None] = []
+        deferred = []  # (slot in lora_grads, dxa, A, seed, p, A's dtype) of the projections that share launches
         i_lora = 0
         for proj, grad, saved_w, own_w in zip(projections, grads, kept, ctx.own_weights, strict=True):
             w = saved_w if saved_w is not None else own_w
@@ -164,6 +176,10 @@ class _FusedLoRA(torch.autograd.Function):
             alpha = proj.scaling / (1.0 - proj.dropout)
             dxa = (dy @ b).mul_(alpha)  # d loss / d ((x * mask) @ A^T)
             db = (dy.t() @ xa).mul_(alpha)
+            if seeded and shared:
+                deferred.append((len(lora_grads), dxa, a, mask, proj.dropout, a_param.dtype))
+                lora_grads += [None, db.to(b_param.dtype)]
+                continue
             if seeded:
                 da = lora_dropout.dropped_weight_grad(dxa, x2, mask, proj.dropout)
                 if need_dx:
@@ -178,9 +194,46 @@ class _FusedLoRA(torch.autograd.Function):
                 dxd = (dxa @ a).mul_(mask)
                 dx = dxd if dx is None else dx.add_(dxd)
             lora_grads += [da.to(a_param.dtype), db.to(b_param.dtype)]
+        if deferred:  # one weight-gradient and one input-gradient launch for them all, each reading x or dx once
+            slots, dxas, a_s, seeds, ps, a_dtypes = zip(*deferred, strict=True)
+            dxa, seeds = torch.stack(dxas), torch.cat(seeds)
+            das = lora_dropout.dropped_weight_grad_multi(dxa, x2, seeds, ps[0])
+            if need_dx:  # dx holds the base input gradients (each deferred projection had one)
+                lora_dropout.add_dropped_input_grad_multi(dx, dxa, torch.stack(a_s), seeds, ps[0])
+            for slot, da, a_dtype in zip(slots, das, a_dtypes, strict=True):
+                lora_grads[slot] = da.to(a_dtype)
         if dx is not None:
             dx = dx.view(*_input_shape(grads, dx.shape[-1])).to(ctx.x_dtype)
         return (dx, None, None, None, None, None, *lora_grads)
+
+
+def _one_launch(shapes: list[tuple[int, float]]) -> bool:
+    """Whether in-kernel projections of these ``(rank, p)`` share each kernel launch (the ``*_multi`` kernels)."""
+    return 2 <= len(shapes) <= lora_dropout.MAX_PROJECTIONS and len(set(shapes)) == 1
+
+
+def _seeded_down(x2: torch.Tensor, lora: list[Projection], a_s: list[torch.Tensor],
+                 down_products: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """In-kernel projections' seeds (drawn in order) and ``(x2 * keep) @ A^T`` products, taken from the forward in a
+    recompute and kept for it in a checkpointed forward (see :func:`_down_products`)."""
+    seeds = [lora_dropout.draw_seed(x2.device) for _ in lora]  # drawn in the recompute too: the same stream after it
+    products = [proj.base.__dict__.pop("_foak_down_product", None) if down_products == "take" else None
+                for proj in lora]
+    todo = [i for i, xa in enumerate(products) if xa is None]
+    for i, xa in zip(todo, _dropped_down(x2, [(a_s[i], seeds[i], lora[i].dropout) for i in todo]), strict=True):
+        products[i] = xa
+    if down_products == "keep":
+        for proj, xa in zip(lora, products, strict=True):
+            proj.base.__dict__["_foak_down_product"] = xa
+    return seeds, products
+
+
+def _dropped_down(x2: torch.Tensor, jobs: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[torch.Tensor]:
+    """``(x2 * keep) @ A^T`` for each ``(A, seed, p)`` of ``jobs``, in one launch where they can share one."""
+    if not _one_launch([(a.shape[0], p) for a, _, p in jobs]):
+        return [lora_dropout.dropped_down(x2, a, seed, p) for a, seed, p in jobs]
+    a_s, seeds, ps = zip(*jobs, strict=True)
+    return list(lora_dropout.dropped_down_multi(x2, torch.stack(a_s), torch.cat(seeds), ps[0]).unbind(0))
 
 
 def _low_rank_update(xa: torch.Tensor, b: torch.Tensor, alpha: float, bias: torch.Tensor | None) -> torch.Tensor:

@@ -19,7 +19,13 @@ masks. The ``1 / (1 - p)`` rescale stays folded into the LoRA scaling, as in :mo
 The stream is not PEFT's (nor the torch path's). :func:`keep_mask` materialises the mask
 the kernels draw, for tests.
 
-The three launchers are ``torch.library`` custom ops with shape-only fake implementations,
+Projections that read the same ``x`` (q/k/v, gate/up) share each launch through the ``*_multi``
+kernels (up to ``MAX_PROJECTIONS``, one rank and one ``p``): each ``x`` tile is read once, and
+``dx`` read and written once, for all of them, while every projection still draws its own mask from
+its own seed (exactly the mask of its per-projection kernel); three projections read ``x`` three
+times otherwise, a pass of ~0.035 ms each at workload P on an H200.
+
+The launchers are ``torch.library`` custom ops with shape-only fake implementations,
 so a compiled decoder layer (``compile_layers``) keeps each as one opaque node instead of
 Dynamo tracing the kernel launches (which failed on the GPU).
 """
@@ -37,6 +43,7 @@ from ..runtime import can_launch
 MAX_ELEMENTS = 2**31 - 1  # the Philox counters and keep_mask's element offsets are int32
 TARGET_PROGRAMS = 512  # the weight gradient's grid: about four programs per SM of an H100 (132)
 SPLIT_MIN_ROWS = 2048  # rows a weight-gradient program walks at least (fewer: partial sums cost more than they save)
+MAX_PROJECTIONS = 3  # projections one ``*_multi`` launch takes (q/k/v: three accumulators); more: one launch each
 
 
 @triton.jit
@@ -72,10 +79,16 @@ def _keep(seed, rows, col0, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: t
 def _dropped_tile(X, seed, rows, col0, n_rows, n_cols, stride_x, threshold, BLOCK_M: tl.constexpr,
                   BLOCK_K: tl.constexpr):
     """The ``[rows, col0:col0 + BLOCK_K]`` tile of ``x * keep`` (zeros outside the matrix)."""
+    x = _tile(X, rows, col0, n_rows, n_cols, stride_x, BLOCK_K)
+    return tl.where(_keep(seed, rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K), x, 0.0)
+
+
+@triton.jit
+def _tile(X, rows, col0, n_rows, n_cols, stride_x, BLOCK_K: tl.constexpr):
+    """The ``[rows, col0:col0 + BLOCK_K]`` tile of ``x`` (zeros outside the matrix)."""
     cols = col0 + tl.arange(0, BLOCK_K)
     inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-    return tl.where(_keep(seed, rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K), x, 0.0)
+    return tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
 
 
 @triton.jit
@@ -155,6 +168,147 @@ def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dx
     tl.store(dx, total.to(DX.dtype.element_ty), mask=inside)
 
 
+# --- projections sharing the input (q/k/v, gate/up): one launch reads each x (or dx) tile once for all of them,
+# drawing each projection's own mask on it; up to MAX_PROJECTIONS accumulators, the unused ones compiled out
+
+
+@triton.jit
+def _seeds(SEEDS, NPROJ: tl.constexpr):
+    """The three projections' seeds (the first one stands in past ``NPROJ``: those slots go unused)."""
+    tl.static_assert(NPROJ <= 3, "three accumulators at most (MAX_PROJECTIONS)")
+    seed0 = tl.load(SEEDS)
+    seed1 = seed0
+    seed2 = seed0
+    if NPROJ > 1:
+        seed1 = tl.load(SEEDS + 1)
+    if NPROJ > 2:
+        seed2 = tl.load(SEEDS + 2)
+    return seed0, seed1, seed2
+
+
+@triton.jit
+def _down_part(x, A, seed, rows, col0, n_cols, rank, stride_a, threshold, acc, R: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc + (x * keep) @ A^T`` over one block of columns, for one projection."""
+    cols = col0 + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, R)
+    a = tl.load(A + ranks[None, :] * stride_a + cols[:, None], mask=(cols < n_cols)[:, None] & (ranks < rank)[None, :],
+                other=0.0)
+    keep = _keep(seed, rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K)
+    return _dot(tl.where(keep, x, 0.0), a, acc, DOT_FP32)
+
+
+@triton.jit
+def _weight_grad_part(x, DXA, seed, rows, col0, n_rows, n_cols, rank, stride_dxa, threshold, acc, R: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc + dxa^T @ (x * keep)`` over one block of rows, for one projection."""
+    dxa = _rows_by_rank(DXA, rows, tl.arange(0, R), n_rows, rank, stride_dxa)
+    keep = _keep(seed, rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K)
+    return _dot(tl.trans(dxa.to(x.dtype)), tl.where(keep, x, 0.0), acc, DOT_FP32)
+
+
+@triton.jit
+def _input_grad_part(DXA, A, seed, rows, col0, n_rows, n_cols, rank, stride_dxa, stride_a, threshold, acc,
+                     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc + (dxa @ A) * keep`` over one tile, for one projection."""
+    cols = col0 + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, R)
+    dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
+    a = tl.load(A + ranks[:, None] * stride_a + cols[None, :], mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :],
+                other=0.0)
+    part = _dot(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
+    return acc + tl.where(_keep(seed, rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K), part, 0.0)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _dropped_down_multi_kernel(X, A, OUT, SEEDS, n_rows, n_cols, rank, stride_x, stride_ap, stride_a, stride_op,
+                               stride_o, threshold, NPROJ: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``OUT[j, m, :rank] = sum_k x[m, k] * keep_j(m, k) * A[j, :rank, k]`` for each projection ``j``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R)
+    seed0, seed1, seed2 = _seeds(SEEDS, NPROJ)
+    acc0 = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    for k0 in range(0, n_cols, BLOCK_K):
+        x = _tile(X, rows, k0, n_rows, n_cols, stride_x, BLOCK_K)
+        acc0 = _down_part(x, A, seed0, rows, k0, n_cols, rank, stride_a, threshold, acc0, R, BLOCK_M, BLOCK_K,
+                          DOT_FP32)
+        if NPROJ > 1:
+            acc1 = _down_part(x, A + stride_ap, seed1, rows, k0, n_cols, rank, stride_a, threshold, acc1, R, BLOCK_M,
+                              BLOCK_K, DOT_FP32)
+        if NPROJ > 2:
+            acc2 = _down_part(x, A + 2 * stride_ap, seed2, rows, k0, n_cols, rank, stride_a, threshold, acc2, R,
+                              BLOCK_M, BLOCK_K, DOT_FP32)
+    out = OUT + rows[:, None].to(tl.int64) * stride_o + ranks[None, :]
+    inside = (rows < n_rows)[:, None] & (ranks < rank)[None, :]
+    tl.store(out, acc0.to(OUT.dtype.element_ty), mask=inside)
+    if NPROJ > 1:
+        tl.store(out + stride_op, acc1.to(OUT.dtype.element_ty), mask=inside)
+    if NPROJ > 2:
+        tl.store(out + 2 * stride_op, acc2.to(OUT.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["n_rows", "rows_per_split"])
+def _dropped_weight_grad_multi_kernel(DXA, X, DA, SEEDS, n_rows, n_cols, rank, rows_per_split, stride_dxap,
+                                      stride_dxa, stride_x, stride_split, stride_dap, stride_da, threshold,
+                                      NPROJ: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                                      BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``DA[split, j, :rank, k] = sum_m dxa[j, m, :rank] * x[m, k] * keep_j(m, k)`` (fp32) for each projection
+    ``j``, one block of columns and the rows of one split (as :func:`_dropped_weight_grad_kernel`)."""
+    col0 = tl.program_id(0) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    ranks = tl.arange(0, R)
+    seed0, seed1, seed2 = _seeds(SEEDS, NPROJ)
+    acc0 = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    start = split * rows_per_split
+    for m0 in range(start, tl.minimum(start + rows_per_split, n_rows), BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        x = _tile(X, rows, col0, n_rows, n_cols, stride_x, BLOCK_K)
+        acc0 = _weight_grad_part(x, DXA, seed0, rows, col0, n_rows, n_cols, rank, stride_dxa, threshold, acc0, R,
+                                 BLOCK_M, BLOCK_K, DOT_FP32)
+        if NPROJ > 1:
+            acc1 = _weight_grad_part(x, DXA + stride_dxap, seed1, rows, col0, n_rows, n_cols, rank, stride_dxa,
+                                     threshold, acc1, R, BLOCK_M, BLOCK_K, DOT_FP32)
+        if NPROJ > 2:
+            acc2 = _weight_grad_part(x, DXA + 2 * stride_dxap, seed2, rows, col0, n_rows, n_cols, rank, stride_dxa,
+                                     threshold, acc2, R, BLOCK_M, BLOCK_K, DOT_FP32)
+    out = DA + split.to(tl.int64) * stride_split + ranks[:, None] * stride_da + cols[None, :]
+    inside = (ranks < rank)[:, None] & (cols < n_cols)[None, :]
+    tl.store(out, acc0, mask=inside)
+    if NPROJ > 1:
+        tl.store(out + stride_dap, acc1, mask=inside)
+    if NPROJ > 2:
+        tl.store(out + 2 * stride_dap, acc2, mask=inside)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _dropped_input_grad_multi_kernel(DXA, A, DX, SEEDS, n_rows, n_cols, rank, stride_dxap, stride_dxa, stride_ap,
+                                     stride_a, stride_dx, threshold, NPROJ: tl.constexpr, R: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``DX[m, k] += sum_j keep_j(m, k) * sum_r dxa[j, m, r] * A[j, r, k]``, in place, summed in fp32."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    seed0, seed1, seed2 = _seeds(SEEDS, NPROJ)
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    dx = DX + rows[:, None].to(tl.int64) * stride_dx + cols[None, :]
+    total = tl.load(dx, mask=inside, other=0.0).to(tl.float32)
+    total = _input_grad_part(DXA, A, seed0, rows, col0, n_rows, n_cols, rank, stride_dxa, stride_a, threshold, total,
+                             R, BLOCK_M, BLOCK_K, DOT_FP32)
+    if NPROJ > 1:
+        total = _input_grad_part(DXA + stride_dxap, A + stride_ap, seed1, rows, col0, n_rows, n_cols, rank, stride_dxa,
+                                 stride_a, threshold, total, R, BLOCK_M, BLOCK_K, DOT_FP32)
+    if NPROJ > 2:
+        total = _input_grad_part(DXA + 2 * stride_dxap, A + 2 * stride_ap, seed2, rows, col0, n_rows, n_cols, rank,
+                                 stride_dxa, stride_a, threshold, total, R, BLOCK_M, BLOCK_K, DOT_FP32)
+    tl.store(dx, total.to(DX.dtype.element_ty), mask=inside)
+
+
 def applies(x2: torch.Tensor, rank: int) -> bool:
     """Whether the kernels can run here: a device they launch on, indices within int32, a rank tl.dot takes."""
     return (0 < x2.numel() <= MAX_ELEMENTS and rank <= 128 and x2.stride(-1) == 1
@@ -179,7 +333,10 @@ def _rank_block(rank: int) -> int:
 # BLOCK_K must be a multiple of 8 (one Philox draw covers eight columns)
 # (s15c2's sweep, H200, workload P; timed from CUDA graphs in s15c4: 0.073 / 0.085 / 0.091 ms, none of the others
 # more than 8 % faster)
-GPU_TILES = {"down": (64, 128, 8), "weight_grad": (128, 64, 4), "input_grad": (32, 128, 4)}
+GPU_TILES = {"down": (64, 128, 8), "weight_grad": (128, 64, 4), "input_grad": (32, 128, 4),
+             # the multi kernels: not timed yet; tiles that ptxas (sm_90) fits without spilling at three projections
+             # (the single kernels' down and weight-gradient tiles spill there: three masks and accumulators)
+             "down_multi": (64, 64, 8), "weight_grad_multi": (64, 64, 8), "input_grad_multi": (32, 128, 8)}
 INTERPRETER_TILES = (32, 64, 4)  # few programs: each costs milliseconds of Python
 
 
@@ -222,6 +379,32 @@ def _(x2, a, seed, p):
     return x2.new_empty(x2.shape[0], a.shape[0])
 
 
+def _projections(n_proj: int) -> int:
+    if not 1 <= n_proj <= MAX_PROJECTIONS:
+        raise ValueError(f"the multi-projection kernels take 1 to {MAX_PROJECTIONS} projections, not {n_proj}")
+    return n_proj
+
+
+@torch.library.custom_op("fmsaccel_foak::dropped_down_multi", mutates_args=())
+def dropped_down_multi(x2: torch.Tensor, a: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
+    """``(x2 * keep_j) @ a[j]^T`` for each projection ``j`` (``seeds[j]``'s mask), reading ``x2`` once:
+    ``[M, K] x [P, r, K] -> [P, M, r]`` in ``x2``'s dtype."""
+    rows, cols = x2.shape
+    n_proj, rank = _projections(a.shape[0]), a.shape[1]
+    out = x2.new_empty(n_proj, rows, rank)
+    block_m, block_k, warps = _tiles("down_multi", x2)
+    _dropped_down_multi_kernel[(triton.cdiv(rows, block_m),)](
+        x2, a, out, seeds, rows, cols, rank, x2.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_FP32=_dot_fp32(x2), num_warps=warps)
+    return out
+
+
+@dropped_down_multi.register_fake
+def _(x2, a, seeds, p):
+    return x2.new_empty(a.shape[0], x2.shape[0], a.shape[1])
+
+
 def row_splits(rows: int, column_blocks: int) -> int:
     """How many row ranges the weight gradient is summed over in parallel: enough programs to fill a GPU
     (``TARGET_PROGRAMS``), each range at least ``SPLIT_MIN_ROWS`` rows. One column block per program alone
@@ -252,6 +435,30 @@ def _(dxa, x2, seed, p):
     return x2.new_empty(dxa.shape[1], x2.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("fmsaccel_foak::dropped_weight_grad_multi", mutates_args=())
+def dropped_weight_grad_multi(dxa: torch.Tensor, x2: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
+    """``dxa[j]^T @ (x2 * keep_j)`` for each projection ``j``, reading ``x2`` once: ``[P, M, r], [M, K] -> [P, r, K]``
+    in fp32 (row ranges summed in a fixed order, as :func:`dropped_weight_grad`)."""
+    rows, cols = x2.shape
+    n_proj, rank = _projections(dxa.shape[0]), dxa.shape[2]
+    block_m, block_k, warps = _tiles("weight_grad_multi", x2)
+    column_blocks = triton.cdiv(cols, block_k)
+    splits = row_splits(rows, column_blocks)
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
+    splits = triton.cdiv(rows, rows_per_split)
+    partial = torch.empty(splits, n_proj, rank, cols, dtype=torch.float32, device=x2.device)
+    _dropped_weight_grad_multi_kernel[(column_blocks, splits)](
+        dxa, x2, partial, seeds, rows, cols, rank, rows_per_split, dxa.stride(0), dxa.stride(1), x2.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2), keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank),
+        BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2), num_warps=warps)
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+@dropped_weight_grad_multi.register_fake
+def _(dxa, x2, seeds, p):
+    return x2.new_empty(dxa.shape[0], dxa.shape[2], x2.shape[1], dtype=torch.float32)
+
+
 @torch.library.custom_op("fmsaccel_foak::add_dropped_input_grad", mutates_args=("dx",))
 def add_dropped_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> None:
     """``dx += (dxa @ a) * keep`` in place: ``[M, K] += [M, r] x [r, K]``."""
@@ -266,4 +473,24 @@ def add_dropped_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor,
 
 @add_dropped_input_grad.register_fake
 def _(dx, dxa, a, seed, p):
+    return None
+
+
+@torch.library.custom_op("fmsaccel_foak::add_dropped_input_grad_multi", mutates_args=("dx",))
+def add_dropped_input_grad_multi(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, seeds: torch.Tensor,
+                                 p: float) -> None:
+    """``dx += sum_j (dxa[j] @ a[j]) * keep_j`` in place, reading and writing ``dx`` once (the sum in fp32, rounded
+    once): ``[M, K] += [P, M, r] x [P, r, K]``."""
+    rows, cols = dx.shape
+    n_proj, rank = _projections(a.shape[0]), a.shape[1]
+    block_m, block_k, warps = _tiles("input_grad_multi", dx)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
+    _dropped_input_grad_multi_kernel[grid](
+        dxa, a, dx, seeds, rows, cols, rank, dxa.stride(0), dxa.stride(1), a.stride(0), a.stride(1), dx.stride(0),
+        keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_FP32=_dot_fp32(dx), num_warps=warps)
+
+
+@add_dropped_input_grad_multi.register_fake
+def _(dx, dxa, a, seeds, p):
     return None
