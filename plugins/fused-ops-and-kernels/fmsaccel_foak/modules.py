@@ -142,10 +142,10 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
             if below is not None:  # the next offloaded layer down starts coming back during this one's backward
                 below.prefetch()
         elif eager and offload is None:
-            # a forward past offloaded layers: their copies to the host are done with on the device (but the copy
-            # of the layer right below, which may still be running), so their gate/up are freed here, not held
+            # a forward past offloaded layers: their copies to the host are done with on the device (but those of
+            # the layers right below, which may still be running), so their gate/up are freed here, not held
             # through the rest of the forward and the loss
-            offload_module.retire_in_flight(keep=self.__dict__.get("_foak_layer_index", 0) - 1)
+            offload_module.retire_in_flight(keep=self.__dict__.get("_foak_copies_running", ()))
         if taken is not None:  # the forward's gate/up, back from the host: their matmuls are not rerun
             # (requiring grad as the op's outputs did, so the SwiGLU records and saves them as in the forward)
             gate, up = (t.requires_grad_() for t in taken)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ def _outside_dispatch_modes(method):
 class Offloaded:
     """One MLP's gate/up copies for the current step."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, copies_running: tuple[int, ...] = ()):
         self.index = index
+        self.copies_running = copies_running  # the layers below whose copies this one's does not wait for
         self.host: tuple[torch.Tensor, torch.Tensor] | None = None  # views of ``pinned`` for this step
         self.pinned: torch.Tensor | None = None
         self.on_device: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -67,7 +69,7 @@ class Offloaded:
                 return
         n = gate.numel()
         self.host = (self.pinned[:n].view(gate.shape), self.pinned[n: 2 * n].view(up.shape))
-        retire_in_flight(keep=self.index - 1)
+        retire_in_flight(keep=self.copies_running)
         stream = _side_stream(gate.device)
         stream.wait_stream(torch.cuda.current_stream(gate.device))
         with torch.cuda.stream(stream):
@@ -113,19 +115,28 @@ _streams: dict[torch.device, torch.cuda.Stream] = {}
 # (copy done, layer index, gate, up) of the copies to the host not yet waited for. The tensors are held here, not
 # handed to the allocator with record_stream: the host runs far ahead of the GPU, and every layer it queued would
 # keep its gate/up allocated until the side stream caught up (9.6 GiB of them in s16c2's warm-up). Before each
-# copy the compute stream waits for the earlier ones, which bounds that to one layer's gate/up, or two where the
-# layer below is offloaded too: its copy (~17 ms at llama3-8b and 16k tokens, PCIe at 55 GB/s) outlasts one
-# layer's forward (~12 ms), and waiting for it there would stall the GPU. The same goes for the copies back
-# (6 layers' pairs alive at s16c4's warm-up peak, 15.96 GiB): their buffers are the compute stream's own, which
-# waits for each copy before using it.
+# copy the compute stream waits for the earlier ones but those of the layers right below
+# (:func:`copies_left_running`), which bounds what is held to two or three layers' gate/up: one copy (~17 ms at
+# llama3-8b and 16k tokens, PCIe at 55 GB/s) outlasts one layer's forward (~12 ms), and waiting for the layer below
+# would stall the GPU where offloaded layers are adjacent (and did, ~8 ms a P step, before each run of three in
+# s18c4's profile, when only the one right below was left running). The same goes for the copies back (6 layers'
+# pairs alive at s16c4's warm-up peak, 15.96 GiB): their buffers are the compute stream's own, which waits for each
+# copy before using it.
 _in_flight: list = []
 
 
-def retire_in_flight(keep: int | None = None) -> None:
-    """The compute stream waits for the copies to the host (but layer ``keep``'s), whose gate/up are released."""
-    kept = [entry for entry in _in_flight if entry[1] == keep]
+def copies_left_running(index: int, n_layers: int) -> tuple[int, ...]:
+    """The layers right below layer ``index`` whose copies to the host its MLP forward leaves running: two in the
+    lower half of the decoder (a third pair held there stays under the backward's peak), one above."""
+    return (index - 1, index - 2) if index < n_layers // 2 else (index - 1,)
+
+
+def retire_in_flight(keep: Collection[int] = ()) -> None:
+    """The compute stream waits for the copies to the host (but those of the layers in ``keep``), whose gate/up are
+    released."""
+    kept = [entry for entry in _in_flight if entry[1] in keep]
     for done, index, *_ in _in_flight:
-        if index != keep:
+        if index not in keep:
             _compute_stream_waits_for(done)
     _in_flight[:] = kept
 
@@ -159,5 +170,5 @@ def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
             continue
         mlp._foak_offload_below = below
         if index in chosen:
-            mlp._foak_offload = below = Offloaded(index)
+            mlp._foak_offload = below = Offloaded(index, copies_left_running(index, len(mlps)))
     return chosen

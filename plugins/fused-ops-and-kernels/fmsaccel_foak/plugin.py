@@ -178,7 +178,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             self._offload_mlps(layers, len(checkpointed), ctx)
 
     def _offload_mlps(self, layers: list, checkpointed: int, ctx: TrainContext) -> None:
-        from .offload import offload_layers
+        from .offload import copies_left_running, offload_layers
 
         if ctx.fsdp:
             ctx.report.note(self.name, "offload_mlp_activations unused under FSDP")
@@ -191,7 +191,7 @@ class FusedOpsPlugin(AccelerationPlugin):
         mlps = [getattr(layer, "mlp", None) for layer in layers]
         for index, mlp in enumerate(mlps):  # each MLP's forward frees the copies of the offloaded layers below it
             if mlp is not None:
-                mlp._foak_layer_index = index
+                mlp._foak_copies_running = copies_left_running(index, len(mlps))
         mlps = [mlp if eligible(i, mlp) else None for i, mlp in enumerate(mlps)]
         if not any(mlps):
             raise PluginError("offload_mlp_activations: no checkpointed layer has a fused MLP without LoRA on gate/up "

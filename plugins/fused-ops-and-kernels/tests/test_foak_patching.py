@@ -324,19 +324,24 @@ def test_the_recompute_reuses_the_forwards_dropped_down_products(base_layer, sel
         assert len(launches) == len(targets) * len(model.get_base_model().model.layers)  # the forward's only
     assert not any("_foak_down_product" in m.__dict__ for m in model.modules())  # all taken by the recompute
 
-def test_an_offloaded_layers_copy_waits_for_the_earlier_copies_but_the_one_of_the_layer_below(monkeypatch):
-    """The compute stream waits for every earlier copy to the host before the next one, except the copy of the
-    layer directly below when that layer is offloaded too (its copy outlasts a layer's forward on the GPU); the
-    recompute waits for them all. What is waited for is released (at most two layers' gate/up are held)."""
+def test_an_offloaded_layers_copy_waits_for_the_earlier_copies_but_those_of_the_layers_below(monkeypatch):
+    """The compute stream waits for every earlier copy to the host before the next one, except the copies of the
+    layers directly below (one copy outlasts a layer's forward on the GPU): two in the lower half of the decoder, one
+    above; the recompute waits for them all. What is waited for is released."""
     from fmsaccel_foak import offload
 
+    assert offload.copies_left_running(3, 32) == (2, 1) and offload.copies_left_running(16, 32) == (15,)
     waited = []
     monkeypatch.setattr(offload, "_compute_stream_waits_for", waited.append)
     monkeypatch.setattr(offload, "_in_flight", [("copy 3", 3, "g", "u"), ("copy 5", 5, "g", "u")])
-    offload.retire_in_flight(keep=5)  # layer 6's copy: layer 5, right below it, keeps its copy going
+    offload.retire_in_flight(keep=(5,))  # layer 6's copy: layer 5, right below it, keeps its copy going
     assert waited == ["copy 3"] and [e[0] for e in offload._in_flight] == ["copy 5"]
-    offload.retire_in_flight(keep=8)  # layer 9's copy: nothing offloaded right below it
+    offload.retire_in_flight(keep=(8,))  # layer 9's copy: nothing offloaded right below it
     assert waited == ["copy 3", "copy 5"] and offload._in_flight == []
+    offload._in_flight.extend([("copy 1", 1, "g", "u"), ("copy 2", 2, "g", "u")])
+    offload.retire_in_flight(keep=offload.copies_left_running(3, 32))  # low in the decoder: both left running
+    assert waited == ["copy 3", "copy 5"] and [e[0] for e in offload._in_flight] == ["copy 1", "copy 2"]
+    offload._in_flight.clear()
     offload._in_flight.extend([("copy 6", 6, "g", "u"), ("copy 7", 7, "g", "u")])
     offload.retire_in_flight()  # the backward's first recompute
     assert waited[2:] == ["copy 6", "copy 7"] and offload._in_flight == []
@@ -344,14 +349,14 @@ def test_an_offloaded_layers_copy_waits_for_the_earlier_copies_but_the_one_of_th
 
 def test_a_forward_past_offloaded_layers_frees_their_copies_but_the_one_right_below(monkeypatch):
     """Offloaded layers are chosen among the eligible ones by decoder position; a later layer's MLP forward makes
-    the compute stream wait for the copies of the layers below it but the one right below (still running), so
+    the compute stream wait for the copies of the layers below it but those right below (still running), so
     their gate/up are not held through the rest of the forward and the loss."""
     from fmsaccel_foak import offload
 
     model, _, _, ctx = _checkpointed("bitsandbytes", ["q_proj", "k_proj", "v_proj", "o_proj"], 0.0,
                                      offload_mlp_activations=1)
     mlps = [layer.mlp for layer in model.get_base_model().model.layers]
-    assert [m._foak_layer_index for m in mlps] == list(range(len(mlps)))
+    assert [m._foak_copies_running for m in mlps] == [(-1, -2), (0,)]  # two layers: the top one is in the upper half
     assert mlps[0]._foak_offload.index == 0 and all("_foak_offload" not in m.__dict__ for m in mlps[1:])
     top = len(mlps) - 1
     waited = []
