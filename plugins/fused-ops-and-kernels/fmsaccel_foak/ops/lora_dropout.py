@@ -156,12 +156,8 @@ def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dx
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
-    ranks = tl.arange(0, R)
-    dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
-    a = tl.load(A + ranks[:, None] * stride_a + cols[None, :], mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :],
-                other=0.0)
-    part = _dot(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
-    part = tl.where(_keep(tl.load(SEED), rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K), part, 0.0)
+    part = _input_grad_part(DXA, A, tl.load(SEED), rows, col0, n_rows, n_cols, rank, stride_dxa, stride_a, threshold,
+                            tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), R, BLOCK_M, BLOCK_K, DOT_FP32)
     inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     dx = DX + rows[:, None].to(tl.int64) * stride_dx + cols[None, :]
     total = tl.load(dx, mask=inside, other=0.0).to(tl.float32) + part
