@@ -137,9 +137,14 @@ def install_checkpoint_contexts(backbone: nn.Module, selective_layers: list[nn.M
     selective = {id(layer) for layer in selective_layers}
     marked, kept = _contexts(None), _contexts(attention_ops()) if selective else None
     warned = []
+    # transformers gives a checkpoint function only to modules with a gradient_checkpointing flag; found once, as
+    # walking every module (1,700 at llama3-8b with LoRA) each step took ~1 ms of host time at the step's start
+    checkpointable: list[nn.Module] = []
 
     def pre_hook(module, args):
-        for layer in module.modules():
+        if not checkpointable:
+            checkpointable.extend(m for m in module.modules() if hasattr(m, "gradient_checkpointing"))
+        for layer in checkpointable:
             fn = layer.__dict__.get("_gradient_checkpointing_func")
             if fn is None or getattr(fn, "_foak_wrapped", False) or getattr(fn, "_foak_declined", False):
                 continue
