@@ -26,8 +26,8 @@ logger = logging.getLogger("fmsaccel_foak")
 
 
 def _outside_dispatch_modes(method):
-    """Run an offload step outside any dispatch mode: a selective checkpoint's replays the recompute op by op
-    against its forward, and the copies (whose ops differ between the two) are no op of the layer."""
+    """Run an offload step outside any dispatch mode: selective checkpointing's mode replays the recompute op by
+    op against the forward, and the copies (whose ops differ between the two) are no op of the layer."""
 
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
