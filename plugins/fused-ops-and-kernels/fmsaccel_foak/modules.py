@@ -134,6 +134,7 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
         eager = not torch.compiler.is_compiling()  # compiled graphs plan their own buffers and recompute
         rerun = eager and recomputing()
         offload = self.__dict__.get("_foak_offload") if eager else None  # see fmsaccel_foak.offload
+        copies_running = self.__dict__.get("_foak_copies_running", ())  # the layers below whose copies it leaves
         taken = None
         if rerun:
             offload_module.retire_in_flight()  # the forward's last copy to the host is done with on the device
@@ -145,7 +146,7 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
             # a forward past offloaded layers: their copies to the host are done with on the device (but those of
             # the layers right below, which may still be running), so their gate/up are freed here, not held
             # through the rest of the forward and the loss
-            offload_module.retire_in_flight(keep=self.__dict__.get("_foak_copies_running", ()))
+            offload_module.retire_in_flight(keep=copies_running)
         if taken is not None:  # the forward's gate/up, back from the host: their matmuls are not rerun
             # (requiring grad as the op's outputs did, so the SwiGLU records and saves them as in the forward)
             gate, up = (t.requires_grad_() for t in taken)
@@ -153,7 +154,7 @@ def fused_mlp_forward(keep_weights: bool, fast_swiglu: bool, **op_options) -> Ca
             keep = keep_weights and self._foak_keep_weights and offload is None
             gate, up = ops.fused_lora(x, layers[:2], keep, **op_options)
             if offload is not None and checkpointed_forward() and torch.is_grad_enabled():
-                offload.save(gate, up)
+                offload.save(gate, up, copies_running)
         if fast_swiglu:
             hidden = ops.swiglu(gate, up, grads_in_place=eager, output_if_recompute_goes_on=rerun)
         else:

@@ -40,9 +40,8 @@ def _outside_dispatch_modes(method):
 class Offloaded:
     """One MLP's gate/up copies for the current step."""
 
-    def __init__(self, index: int, copies_running: tuple[int, ...] = ()):
+    def __init__(self, index: int):
         self.index = index
-        self.copies_running = copies_running  # the layers below whose copies this one's does not wait for
         self.host: tuple[torch.Tensor, torch.Tensor] | None = None  # views of ``pinned`` for this step
         self.pinned: torch.Tensor | None = None
         self.on_device: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -50,8 +49,9 @@ class Offloaded:
         self.saved = False
 
     @_outside_dispatch_modes
-    def save(self, gate: torch.Tensor, up: torch.Tensor) -> None:
-        """Copy this forward's gate/up to the host (asynchronously on a GPU)."""
+    def save(self, gate: torch.Tensor, up: torch.Tensor, copies_running: Collection[int] = ()) -> None:
+        """Copy this forward's gate/up to the host (asynchronously on a GPU), not waiting for the copies of the
+        layers in ``copies_running`` (:func:`copies_left_running`)."""
         if self.on_device is not None and self.copied is not None:  # brought back but never taken: let the copy
             _compute_stream_waits_for(self.copied)  # land before its buffers can be reused
         self.on_device = None
@@ -69,7 +69,7 @@ class Offloaded:
                 return
         n = gate.numel()
         self.host = (self.pinned[:n].view(gate.shape), self.pinned[n: 2 * n].view(up.shape))
-        retire_in_flight(keep=self.copies_running)
+        retire_in_flight(keep=copies_running)
         stream = _side_stream(gate.device)
         stream.wait_stream(torch.cuda.current_stream(gate.device))
         with torch.cuda.stream(stream):
@@ -170,5 +170,5 @@ def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
             continue
         mlp._foak_offload_below = below
         if index in chosen:
-            mlp._foak_offload = below = Offloaded(index, copies_left_running(index, len(mlps)))
+            mlp._foak_offload = below = Offloaded(index)
     return chosen
