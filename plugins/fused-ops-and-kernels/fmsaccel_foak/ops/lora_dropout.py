@@ -20,10 +20,11 @@ The stream is not PEFT's (nor the torch path's). :func:`keep_mask` materialises 
 the kernels draw, for tests.
 
 Projections that read the same ``x`` (q/k/v, gate/up) share each launch through the ``*_multi``
-kernels (up to ``MAX_PROJECTIONS``, one rank and one ``p``): each ``x`` tile is read once, and
+ops (up to ``MAX_PROJECTIONS``, one rank and one ``p``): each ``x`` tile is read once, and
 ``dx`` read and written once, for all of them, while every projection still draws its own mask from
-its own seed (exactly the mask of its per-projection kernel); three projections read ``x`` three
-times otherwise, a pass of ~0.035 ms each at workload P on an H200.
+its own seed (exactly the mask of its own launch: the single-projection ops run the same kernels
+with one projection); three projections read ``x`` three times otherwise, a pass of ~0.035 ms
+each at workload P on an H200.
 
 The launchers are ``torch.library`` custom ops with shape-only fake implementations,
 so a compiled decoder layer (``compile_layers``) keeps each as one opaque node instead of
@@ -76,14 +77,6 @@ def _keep(seed, rows, col0, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
-def _dropped_tile(X, seed, rows, col0, n_rows, n_cols, stride_x, threshold, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """The ``[rows, col0:col0 + BLOCK_K]`` tile of ``x * keep`` (zeros outside the matrix)."""
-    x = _tile(X, rows, col0, n_rows, n_cols, stride_x, BLOCK_K)
-    return tl.where(_keep(seed, rows, col0, n_cols, threshold, BLOCK_M, BLOCK_K), x, 0.0)
-
-
-@triton.jit
 def _tile(X, rows, col0, n_rows, n_cols, stride_x, BLOCK_K: tl.constexpr):
     """The ``[rows, col0:col0 + BLOCK_K]`` tile of ``x`` (zeros outside the matrix)."""
     cols = col0 + tl.arange(0, BLOCK_K)
@@ -108,64 +101,9 @@ def _keep_mask_kernel(OUT, SEED, n_rows, n_cols, threshold, BLOCK_M: tl.constexp
     tl.store(OUT + rows[:, None] * n_cols + cols[None, :], keep.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def _dropped_down_kernel(X, A, OUT, SEED, n_rows, n_cols, rank, stride_x, stride_a, stride_o, threshold,
-                         R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``OUT[m, :rank] = sum_k x[m, k] * keep(m, k) * A[:rank, k]`` (fp32 accumulation)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = tl.arange(0, R)
-    seed = tl.load(SEED)
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = _dropped_tile(X, seed, rows, k0, n_rows, n_cols, stride_x, threshold, BLOCK_M, BLOCK_K)
-        a_inside = (cols < n_cols)[:, None] & (ranks < rank)[None, :]
-        a = tl.load(A + ranks[None, :] * stride_a + cols[:, None], mask=a_inside, other=0.0)
-        acc = _dot(x, a, acc, DOT_FP32)
-    out = OUT + rows[:, None].to(tl.int64) * stride_o + ranks[None, :]
-    tl.store(out, acc.to(OUT.dtype.element_ty), mask=(rows < n_rows)[:, None] & (ranks < rank)[None, :])
-
-
-@triton.jit(do_not_specialize=["n_rows", "rows_per_split"])
-def _dropped_weight_grad_kernel(DXA, X, DA, SEED, n_rows, n_cols, rank, rows_per_split, stride_dxa, stride_x,
-                                stride_split, stride_da, threshold, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``DA[split, :rank, k] = sum_m dxa[m, :rank] * x[m, k] * keep(m, k)`` (fp32) for one block of columns, over
-    the rows of one split (a multiple of ``BLOCK_M``, so no tile straddles two splits)."""
-    col0 = tl.program_id(0) * BLOCK_K
-    cols = col0 + tl.arange(0, BLOCK_K)
-    split = tl.program_id(1)
-    ranks = tl.arange(0, R)
-    seed = tl.load(SEED)
-    acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
-    start = split * rows_per_split
-    for m0 in range(start, tl.minimum(start + rows_per_split, n_rows), BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        x = _dropped_tile(X, seed, rows, col0, n_rows, n_cols, stride_x, threshold, BLOCK_M, BLOCK_K)
-        dxa = _rows_by_rank(DXA, rows, ranks, n_rows, rank, stride_dxa)
-        acc = _dot(tl.trans(dxa.to(x.dtype)), x, acc, DOT_FP32)
-    out = DA + split.to(tl.int64) * stride_split + ranks[:, None] * stride_da + cols[None, :]
-    tl.store(out, acc, mask=(ranks < rank)[:, None] & (cols < n_cols)[None, :])
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def _dropped_input_grad_kernel(DXA, A, DX, SEED, n_rows, n_cols, rank, stride_dxa, stride_a, stride_dx, threshold,
-                               R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                               DOT_FP32: tl.constexpr):
-    """``DX[m, k] += keep(m, k) * sum_r dxa[m, r] * A[r, k]``, in place."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = tl.program_id(1) * BLOCK_K
-    cols = col0 + tl.arange(0, BLOCK_K)
-    part = _input_grad_part(DXA, A, tl.load(SEED), rows, col0, n_rows, n_cols, rank, stride_dxa, stride_a, threshold,
-                            tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), R, BLOCK_M, BLOCK_K, DOT_FP32)
-    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    dx = DX + rows[:, None].to(tl.int64) * stride_dx + cols[None, :]
-    total = tl.load(dx, mask=inside, other=0.0).to(tl.float32) + part
-    tl.store(dx, total.to(DX.dtype.element_ty), mask=inside)
-
-
-# --- projections sharing the input (q/k/v, gate/up): one launch reads each x (or dx) tile once for all of them,
-# drawing each projection's own mask on it; up to MAX_PROJECTIONS accumulators, the unused ones compiled out
+# --- the kernels: one launch serves every projection reading the same x (q/k/v, gate/up; one projection is
+# the plain case), reading each x (or dx) tile once and drawing each projection's own mask on it; up to
+# MAX_PROJECTIONS accumulators, the unused ones compiled out
 
 
 @triton.jit
@@ -217,9 +155,9 @@ def _input_grad_part(DXA, A, seed, rows, col0, n_rows, n_cols, rank, stride_dxa,
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _dropped_down_multi_kernel(X, A, OUT, SEEDS, n_rows, n_cols, rank, stride_x, stride_ap, stride_a, stride_op,
-                               stride_o, threshold, NPROJ: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+def _dropped_down_kernel(X, A, OUT, SEEDS, n_rows, n_cols, rank, stride_x, stride_ap, stride_a, stride_op,
+                         stride_o, threshold, NPROJ: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
     """``OUT[j, m, :rank] = sum_k x[m, k] * keep_j(m, k) * A[j, :rank, k]`` for each projection ``j``."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R)
@@ -247,12 +185,12 @@ def _dropped_down_multi_kernel(X, A, OUT, SEEDS, n_rows, n_cols, rank, stride_x,
 
 
 @triton.jit(do_not_specialize=["n_rows", "rows_per_split"])
-def _dropped_weight_grad_multi_kernel(DXA, X, DA, SEEDS, n_rows, n_cols, rank, rows_per_split, stride_dxap,
-                                      stride_dxa, stride_x, stride_split, stride_dap, stride_da, threshold,
-                                      NPROJ: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                                      BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+def _dropped_weight_grad_kernel(DXA, X, DA, SEEDS, n_rows, n_cols, rank, rows_per_split, stride_dxap,
+                                stride_dxa, stride_x, stride_split, stride_dap, stride_da, threshold,
+                                NPROJ: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
     """``DA[split, j, :rank, k] = sum_m dxa[j, m, :rank] * x[m, k] * keep_j(m, k)`` (fp32) for each projection
-    ``j``, one block of columns and the rows of one split (as :func:`_dropped_weight_grad_kernel`)."""
+    ``j``, one block of columns and the rows of one split (a multiple of ``BLOCK_M``: no tile straddles two)."""
     col0 = tl.program_id(0) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
@@ -283,9 +221,9 @@ def _dropped_weight_grad_multi_kernel(DXA, X, DA, SEEDS, n_rows, n_cols, rank, r
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _dropped_input_grad_multi_kernel(DXA, A, DX, SEEDS, n_rows, n_cols, rank, stride_dxap, stride_dxa, stride_ap,
-                                     stride_a, stride_dx, threshold, NPROJ: tl.constexpr, R: tl.constexpr,
-                                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+def _dropped_input_grad_kernel(DXA, A, DX, SEEDS, n_rows, n_cols, rank, stride_dxap, stride_dxa, stride_ap,
+                               stride_a, stride_dx, threshold, NPROJ: tl.constexpr, R: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
     """``DX[m, k] += sum_j keep_j(m, k) * sum_r dxa[j, m, r] * A[j, r, k]``, in place, summed in fp32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * BLOCK_K
@@ -357,17 +295,29 @@ def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch
     return out
 
 
+def _projections(n_proj: int) -> int:
+    if not 1 <= n_proj <= MAX_PROJECTIONS:
+        raise ValueError(f"the multi-projection kernels take 1 to {MAX_PROJECTIONS} projections, not {n_proj}")
+    return n_proj
+
+
+def _down(x2: torch.Tensor, a: torch.Tensor, seeds: torch.Tensor, p: float, tiles: str) -> torch.Tensor:
+    """``[M, K] x [P, r, K] -> [P, M, r]``: one launch for the ``P`` projections."""
+    rows, cols = x2.shape
+    n_proj, rank = _projections(a.shape[0]), a.shape[1]
+    out = x2.new_empty(n_proj, rows, rank)
+    block_m, block_k, warps = _tiles(tiles, x2)
+    _dropped_down_kernel[(triton.cdiv(rows, block_m),)](
+        x2, a, out, seeds, rows, cols, rank, x2.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_FP32=_dot_fp32(x2), num_warps=warps)
+    return out
+
+
 @torch.library.custom_op("fmsaccel_foak::dropped_down", mutates_args=())
 def dropped_down(x2: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``(x2 * keep) @ a^T``: ``[M, K] x [r, K] -> [M, r]`` in ``x2``'s dtype."""
-    rows, cols = x2.shape
-    rank = a.shape[0]
-    out = x2.new_empty(rows, rank)
-    block_m, block_k, warps = _tiles("down", x2)
-    _dropped_down_kernel[(triton.cdiv(rows, block_m),)](
-        x2, a, out, seed, rows, cols, rank, x2.stride(0), a.stride(0), out.stride(0), keep_threshold(p),
-        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2), num_warps=warps)
-    return out
+    return _down(x2, a.unsqueeze(0), seed, p, "down")[0]
 
 
 @dropped_down.register_fake
@@ -375,25 +325,11 @@ def _(x2, a, seed, p):
     return x2.new_empty(x2.shape[0], a.shape[0])
 
 
-def _projections(n_proj: int) -> int:
-    if not 1 <= n_proj <= MAX_PROJECTIONS:
-        raise ValueError(f"the multi-projection kernels take 1 to {MAX_PROJECTIONS} projections, not {n_proj}")
-    return n_proj
-
-
 @torch.library.custom_op("fmsaccel_foak::dropped_down_multi", mutates_args=())
 def dropped_down_multi(x2: torch.Tensor, a: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
     """``(x2 * keep_j) @ a[j]^T`` for each projection ``j`` (``seeds[j]``'s mask), reading ``x2`` once:
     ``[M, K] x [P, r, K] -> [P, M, r]`` in ``x2``'s dtype."""
-    rows, cols = x2.shape
-    n_proj, rank = _projections(a.shape[0]), a.shape[1]
-    out = x2.new_empty(n_proj, rows, rank)
-    block_m, block_k, warps = _tiles("down_multi", x2)
-    _dropped_down_multi_kernel[(triton.cdiv(rows, block_m),)](
-        x2, a, out, seeds, rows, cols, rank, x2.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_FP32=_dot_fp32(x2), num_warps=warps)
-    return out
+    return _down(x2, a, seeds, p, "down_multi")
 
 
 @dropped_down_multi.register_fake
@@ -408,22 +344,28 @@ def row_splits(rows: int, column_blocks: int) -> int:
     return max(1, min(triton.cdiv(rows, SPLIT_MIN_ROWS), triton.cdiv(TARGET_PROGRAMS, column_blocks)))
 
 
-@torch.library.custom_op("fmsaccel_foak::dropped_weight_grad", mutates_args=())
-def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``dxa^T @ (x2 * keep)``: ``[M, r], [M, K] -> [r, K]`` in fp32 (row ranges summed in a fixed order)."""
+def _weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seeds: torch.Tensor, p: float, tiles: str) -> torch.Tensor:
+    """``[P, M, r], [M, K] -> [P, r, K]`` in fp32: one program per column block and row range, the row ranges
+    summed in a fixed order."""
     rows, cols = x2.shape
-    rank = dxa.shape[1]
-    block_m, block_k, warps = _tiles("weight_grad", x2)  # one program per column block and row range
+    n_proj, rank = _projections(dxa.shape[0]), dxa.shape[2]
+    block_m, block_k, warps = _tiles(tiles, x2)
     column_blocks = triton.cdiv(cols, block_k)
     splits = row_splits(rows, column_blocks)
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     splits = triton.cdiv(rows, rows_per_split)
-    partial = torch.empty(splits, rank, cols, dtype=torch.float32, device=x2.device)
+    partial = torch.empty(splits, n_proj, rank, cols, dtype=torch.float32, device=x2.device)
     _dropped_weight_grad_kernel[(column_blocks, splits)](
-        dxa, x2, partial, seed, rows, cols, rank, rows_per_split, dxa.stride(0), x2.stride(0), partial.stride(0),
-        partial.stride(1), keep_threshold(p), R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_FP32=_dot_fp32(x2), num_warps=warps)
+        dxa, x2, partial, seeds, rows, cols, rank, rows_per_split, dxa.stride(0), dxa.stride(1), x2.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2), keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank),
+        BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2), num_warps=warps)
     return partial[0] if splits == 1 else partial.sum(0)
+
+
+@torch.library.custom_op("fmsaccel_foak::dropped_weight_grad", mutates_args=())
+def dropped_weight_grad(dxa: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``dxa^T @ (x2 * keep)``: ``[M, r], [M, K] -> [r, K]`` in fp32 (row ranges summed in a fixed order)."""
+    return _weight_grad(dxa.unsqueeze(0), x2, seed, p, "weight_grad")[0]
 
 
 @dropped_weight_grad.register_fake
@@ -435,19 +377,7 @@ def _(dxa, x2, seed, p):
 def dropped_weight_grad_multi(dxa: torch.Tensor, x2: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
     """``dxa[j]^T @ (x2 * keep_j)`` for each projection ``j``, reading ``x2`` once: ``[P, M, r], [M, K] -> [P, r, K]``
     in fp32 (row ranges summed in a fixed order, as :func:`dropped_weight_grad`)."""
-    rows, cols = x2.shape
-    n_proj, rank = _projections(dxa.shape[0]), dxa.shape[2]
-    block_m, block_k, warps = _tiles("weight_grad_multi", x2)
-    column_blocks = triton.cdiv(cols, block_k)
-    splits = row_splits(rows, column_blocks)
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
-    splits = triton.cdiv(rows, rows_per_split)
-    partial = torch.empty(splits, n_proj, rank, cols, dtype=torch.float32, device=x2.device)
-    _dropped_weight_grad_multi_kernel[(column_blocks, splits)](
-        dxa, x2, partial, seeds, rows, cols, rank, rows_per_split, dxa.stride(0), dxa.stride(1), x2.stride(0),
-        partial.stride(0), partial.stride(1), partial.stride(2), keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank),
-        BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(x2), num_warps=warps)
-    return partial[0] if splits == 1 else partial.sum(0)
+    return _weight_grad(dxa, x2, seeds, p, "weight_grad_multi")
 
 
 @dropped_weight_grad_multi.register_fake
@@ -455,16 +385,23 @@ def _(dxa, x2, seeds, p):
     return x2.new_empty(dxa.shape[0], dxa.shape[2], x2.shape[1], dtype=torch.float32)
 
 
+def _add_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, seeds: torch.Tensor, p: float,
+                    tiles: str) -> None:
+    """``[M, K] += [P, M, r] x [P, r, K]`` in place, the sum in fp32, rounded once."""
+    rows, cols = dx.shape
+    n_proj, rank = _projections(a.shape[0]), a.shape[1]
+    block_m, block_k, warps = _tiles(tiles, dx)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
+    _dropped_input_grad_kernel[grid](
+        dxa, a, dx, seeds, rows, cols, rank, dxa.stride(0), dxa.stride(1), a.stride(0), a.stride(1), dx.stride(0),
+        keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_FP32=_dot_fp32(dx), num_warps=warps)
+
+
 @torch.library.custom_op("fmsaccel_foak::add_dropped_input_grad", mutates_args=("dx",))
 def add_dropped_input_grad(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> None:
     """``dx += (dxa @ a) * keep`` in place: ``[M, K] += [M, r] x [r, K]``."""
-    rows, cols = dx.shape
-    rank = a.shape[0]
-    block_m, block_k, warps = _tiles("input_grad", dx)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
-    _dropped_input_grad_kernel[grid](
-        dxa, a, dx, seed, rows, cols, rank, dxa.stride(0), a.stride(0), dx.stride(0), keep_threshold(p),
-        R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=_dot_fp32(dx), num_warps=warps)
+    _add_input_grad(dx, dxa.unsqueeze(0), a.unsqueeze(0), seed, p, "input_grad")
 
 
 @add_dropped_input_grad.register_fake
@@ -477,14 +414,7 @@ def add_dropped_input_grad_multi(dx: torch.Tensor, dxa: torch.Tensor, a: torch.T
                                  p: float) -> None:
     """``dx += sum_j (dxa[j] @ a[j]) * keep_j`` in place, reading and writing ``dx`` once (the sum in fp32, rounded
     once): ``[M, K] += [P, M, r] x [P, r, K]``."""
-    rows, cols = dx.shape
-    n_proj, rank = _projections(a.shape[0]), a.shape[1]
-    block_m, block_k, warps = _tiles("input_grad_multi", dx)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
-    _dropped_input_grad_multi_kernel[grid](
-        dxa, a, dx, seeds, rows, cols, rank, dxa.stride(0), dxa.stride(1), a.stride(0), a.stride(1), dx.stride(0),
-        keep_threshold(p), NPROJ=n_proj, R=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_FP32=_dot_fp32(dx), num_warps=warps)
+    _add_input_grad(dx, dxa, a, seeds, p, "input_grad_multi")
 
 
 @add_dropped_input_grad_multi.register_fake
