@@ -14,8 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
-    """Built-in shapes are materialised into a per-session cache, never the user's."""
+    """Built-in shapes and compiled code go to per-session caches, never the user's.
+
+    pytest keeps only its last few session folders, so repeated runs (each clone compiles anew) cannot fill the disk
+    the way a shared /tmp/torchinductor_<user> does.
+    """
     os.environ.setdefault("FMSACCEL_CACHE", str(tmp_path_factory.mktemp("fmsaccel-cache")))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
