@@ -27,6 +27,10 @@ import functools
 
 from torch import nn
 
+# Inductor generates the kernels. CPU tests of the compile plumbing (graphs, breaks, checkpoint placement, the
+# partition) swap in "aot_eager_decomp_partition", which traces and partitions alike without compiling C++.
+COMPILE_BACKEND = "inductor"
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder layers (transformers' checkpointable layer class)."""
@@ -108,12 +112,12 @@ def compile_decoder_layers(
     if layers:
         warn_if_not_compiled(model)
     if scope == "model" and layers:
-        model.get_decoder().compile(dynamic=True, mode=mode)
+        model.get_decoder().compile(dynamic=True, mode=mode, backend=COMPILE_BACKEND)
         return layers
     if checkpoint_in_graph and layers:
         checkpoint_inside(model, layers)
     for layer in layers:
-        layer.compile(dynamic=True, mode=mode)
+        layer.compile(dynamic=True, mode=mode, backend=COMPILE_BACKEND)
     return layers
 
 

@@ -7,6 +7,8 @@ import logging
 import pytest
 import torch
 
+import fmsaccel_framework.compiling
+
 
 def test_output_collector_is_off_inside_compiled_regions_and_says_what_it_cannot_record(caplog, monkeypatch):
     """Hooks reading the collector trace without a graph break (fullgraph) and see none there; outside they see it.
@@ -67,8 +69,7 @@ def test_compiled_layers_that_break_or_fall_back_say_so_after_the_first_forward(
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    monkeypatch.setattr(fmsaccel_framework.compiling, "COMPILE_BACKEND", "eager")
     ids = torch.randint(0, 32, (1, 6))
     for broken in (False, True):
         torch._dynamo.reset()
@@ -105,8 +106,7 @@ def test_layers_compiled_under_ddp_are_not_split_at_gradient_buckets(monkeypatch
     monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 64)
     monkeypatch.setitem(os.environ, "MASTER_ADDR", "127.0.0.1")
     monkeypatch.setitem(os.environ, "MASTER_PORT", "29547")
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    monkeypatch.setattr(fmsaccel_framework.compiling, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # the default, restored after the test
 
     def model():
@@ -145,8 +145,7 @@ def test_regional_compilation_turns_off_inductor_fusions_that_guard_on_the_token
 
     if not hasattr(inductor.triton, "mix_order_reduction"):
         pytest.skip("this torch has no mix-order reductions")
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    monkeypatch.setattr(fmsaccel_framework.compiling, "COMPILE_BACKEND", "eager")
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
     # inductor's own patch, not monkeypatch: monkeypatch's undo deletes the key, which hides it from Inductor for

@@ -32,11 +32,13 @@ def _rows():
         yield {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _fresh_dynamo_on_the_cpu(monkeypatch) -> None:
+def _fresh_dynamo_on_the_cpu(monkeypatch, codegen: bool = False) -> None:
     """Reset Dynamo's caches and counters; on the CPU, compile with the ops' torch references.
 
     A CPU run stays eager (``skip_reason``) and Dynamo cannot trace Triton's interpreter, so here the
     compile plumbing is what is tested; Triton kernels inside compiled layers run in the GPU benchmarks.
+    Without ``codegen`` the graphs are traced and partitioned as Inductor's are, but not compiled to C++
+    (minutes of the suite); one test keeps Inductor's code generation.
     """
     import torch._dynamo
 
@@ -46,6 +48,8 @@ def _fresh_dynamo_on_the_cpu(monkeypatch) -> None:
     if DEVICE == "cpu":
         monkeypatch.setattr(fmsaccel_foak.runtime, "is_interpreted", lambda kernel: False)
         monkeypatch.setattr(fmsaccel_framework.compiling, "skip_reason", lambda model, fsdp: None)
+        if not codegen:
+            monkeypatch.setattr(fmsaccel_framework.compiling, "COMPILE_BACKEND", "aot_eager_decomp_partition")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
 
@@ -63,8 +67,8 @@ def _assert_matches_eager(eager, compiled) -> None:
 
 @pytest.mark.parametrize("base_layer", [None, "bitsandbytes"])
 def test_compiled_layers_match_eager_in_one_graph(base_layer, monkeypatch):
-    """The compile plumbing (patched forwards, padding-free attention, checkpointing, bnb)."""
-    _fresh_dynamo_on_the_cpu(monkeypatch)
+    """The compile plumbing (patched forwards, padding-free attention, checkpointing, bnb); Inductor's C++ once."""
+    _fresh_dynamo_on_the_cpu(monkeypatch, codegen=base_layer is None)
     eager, _ = _model(False, base_layer)
     compiled, ctx = _model(True, base_layer)
     assert any("torch.compile" in what and count == 2 for (_, what), count in ctx.report.entries.items())
@@ -171,7 +175,7 @@ def test_cuda_graphs_compile_the_decoder_for_replay_and_mark_each_step(scope, bu
     ctx.extras["padding_free_buckets"] = buckets
     build_plugin(PATH, compile_layers=scope, cuda_graphs=True).prepare_trainer(_Trainer(model), ctx)
     regions = ["LlamaModel"] if scope == "model" else ["LlamaDecoderLayer"] * 2
-    assert compiled == [(name, {"dynamic": True, "mode": "reduce-overhead"}) for name in regions]
+    assert compiled == [(name, {"dynamic": True, "mode": "reduce-overhead", "backend": "inductor"}) for name in regions]
     assert any("replayed as CUDA graphs" in what for (_, what) in ctx.report.entries)
     assert ("not bucketed" in caplog.text) is not buckets
     assert "cuda_graphs is experimental" in caplog.text  # said loudly until a GPU run has gone through with it
