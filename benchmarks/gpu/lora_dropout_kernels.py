@@ -7,7 +7,8 @@ it replaces (a ``bernoulli_`` mask kept in bf16 and its multiplies) and of the m
 (the same bytes at the copy bandwidth measured here), so one run says whether a kernel is
 bandwidth-bound or spends its time in the random draws. ``rng`` rows time the draws alone:
 one Philox per element (the kernels until s15c1) and the kernels' own draw (``lora_dropout._keep``:
-one per eight elements, 16 bits an element). ``three projections`` rows time the ``*_multi`` kernels, which
+one per eight elements, 16 bits an element), at Triton's default 10 Philox rounds and at the shipped
+``lora_dropout.PHILOX_ROUNDS``. ``three projections`` rows time the ``*_multi`` kernels, which
 read ``x`` (or read and write ``dx``) once for q/k/v, each with its own seed, against three single launches.
 ``tiles`` rows sweep each kernel's ``(BLOCK_M, BLOCK_K, num_warps)`` (``lora_dropout.GPU_TILES``), the
 shipped tiles first.
@@ -48,11 +49,12 @@ def _count_keep_kernel(OUT, seed, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def _count_kernels_keep(OUT, seed, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _count_kernels_keep(OUT, seed, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        ROUNDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     total = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, n_cols, BLOCK_K):
-        keep = lora_dropout._keep(seed, rows, k0, n_cols, threshold, BLOCK_M, BLOCK_K)
+        keep = lora_dropout._keep(seed, rows, k0, n_cols, threshold, BLOCK_M, BLOCK_K, ROUNDS)
         total += tl.sum(keep.to(tl.int32), axis=1)
     tl.store(OUT + rows, total)
 
@@ -167,11 +169,13 @@ def main() -> int:
     counts = torch.empty(M, device=dev, dtype=torch.int32)
     one = timed(lambda: _count_keep_kernel[(M // 64,)](counts, 1234, K, P, BLOCK_M=64, BLOCK_K=64))
     kept_one = counts.float().mean().item() / K
-    eight = timed(lambda: _count_kernels_keep[(M // 64,)](counts, 1234, K, lora_dropout.keep_threshold(P),
-                                                          BLOCK_M=64, BLOCK_K=64))
-    kept_eight = counts.float().mean().item() / K
-    print(f"rng alone: one Philox an element {one:.3f} ms (kept {kept_one:.4f}), the kernels' one per eight "
-          f"{eight:.3f} ms (kept {kept_eight:.4f})")
+    print(f"rng alone: one Philox-10 an element {one:.3f} ms (kept {kept_one:.4f})")
+    for rounds in sorted({10, lora_dropout.PHILOX_ROUNDS.value}, reverse=True):
+        eight = timed(lambda rounds=rounds: _count_kernels_keep[(M // 64,)](
+            counts, 1234, K, lora_dropout.keep_threshold(P), BLOCK_M=64, BLOCK_K=64, ROUNDS=rounds))
+        kept_eight = counts.float().mean().item() / K
+        shipped = " (shipped)" if rounds == lora_dropout.PHILOX_ROUNDS.value else ""
+        print(f"rng alone: the kernels' one Philox-{rounds} per eight{shipped} {eight:.3f} ms (kept {kept_eight:.4f})")
     return 0
 
 

@@ -246,6 +246,44 @@ def test_the_keep_mask_depends_on_the_element_alone(monkeypatch):
     assert torch.equal(keep, lora_dropout.keep_mask(seed, (96, 520), 0.1, torch.float32, DEVICE))
 
 
+def _philox4x32(counters, seed: int, rounds: int):
+    """Philox4x32-``rounds`` (Salmon et al.) of ``(counter, 0, 0, 0)`` under the 64-bit key ``seed``, in numpy."""
+    import numpy as np
+
+    c0, c1, c2, c3 = (np.asarray(counters, dtype=np.uint64), *np.zeros((3, *np.shape(counters)), dtype=np.uint64))
+    k0, k1, mask = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32), np.uint64(0xFFFFFFFF)
+    for _ in range(rounds):
+        hi_lo_a, hi_lo_b = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2  # 32 x 32 bits fit in 64
+        c0, c1, c2, c3 = ((hi_lo_b >> np.uint64(32)) ^ c1 ^ k0, hi_lo_b & mask, (hi_lo_a >> np.uint64(32)) ^ c3 ^ k1,
+                          hi_lo_a & mask)
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c0, c1, c2, c3
+
+
+def test_the_keep_mask_is_philox_of_the_element_index():
+    """The mask, bit for bit, from an independent Philox: element ``(m, k)`` takes 16 bits of the draw at counter
+    ``m * ceil(K / 8) + k // 8`` (of ``PHILOX_ROUNDS`` rounds, fewer than Triton's default 10), kept where they are
+    at least ``round(p * 65536)``."""
+    import numpy as np
+
+    rows, cols, p, seed = 5, 43, 0.3, 2**40 + 12345  # a seed with both key words set; a ragged last group
+    keep = lora_dropout.keep_mask(torch.tensor([seed], device=DEVICE), (rows, cols), p, torch.float32, DEVICE)
+    groups = -(-cols // 8)
+    counters = np.arange(rows)[:, None] * groups + np.arange(cols)[None, :] // 8
+
+    def expected(rounds: int):
+        words = _philox4x32(counters, seed, rounds)
+        # the eight 16-bit halves of a draw, in column order: the low halves of w0 w2 w1 w3, then the high ones
+        position = np.arange(cols)[None, :] % 8
+        word = np.select([position % 4 == j for j in range(4)], [words[0], words[2], words[1], words[3]])
+        half = np.where(position < 4, word & 0xFFFF, word >> 16)
+        return torch.from_numpy((half >= lora_dropout.keep_threshold(p)).astype(np.float32))
+
+    assert lora_dropout.PHILOX_ROUNDS.value == 7
+    torch.testing.assert_close(keep.cpu(), expected(7), rtol=0, atol=0)
+    assert not torch.equal(keep.cpu(), expected(10))
+
+
 def test_dropout_in_kernel_is_a_fused_lora_option_and_says_so():
     """The key needs ``fused_lora`` (a clear error otherwise), and the run's report says the masks are drawn in the
     kernels and are not PEFT's stream."""

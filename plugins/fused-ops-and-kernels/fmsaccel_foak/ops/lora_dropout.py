@@ -45,6 +45,11 @@ MAX_ELEMENTS = 2**31 - 1  # the Philox counters and keep_mask's element offsets 
 TARGET_PROGRAMS = 512  # the weight gradient's grid: about four programs per SM of an H100 (132)
 SPLIT_MIN_ROWS = 2048  # rows a weight-gradient program walks at least (fewer: partial sums cost more than they save)
 MAX_PROJECTIONS = 3  # projections one ``*_multi`` launch takes (q/k/v: three accumulators); more: one launch each
+# Philox4x32 rounds a draw. Triton's default, 10, is its authors' choice with a safety margin; 7 is the fewest they
+# found to pass TestU01's BigCrush (Salmon et al., SC'11). A dropout mask needs no more, and the kernels spend
+# most of their time drawing (s18c4: three projections in one launch cost 2.5x one), so 3 rounds fewer are ~30 %
+# fewer draw instructions. ``tests/test_foak_lora.py`` checks the masks against a numpy Philox of these rounds.
+PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
@@ -62,7 +67,8 @@ def _halves(word):
 
 
 @triton.jit
-def _keep(seed, rows, col0, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _keep(seed, rows, col0, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+          ROUNDS: tl.constexpr = PHILOX_ROUNDS):
     """``keep`` over ``rows`` x ``[col0, col0 + BLOCK_K)`` (``col0`` and ``BLOCK_K`` multiples of 8).
 
     Every kernel draws through here, so the order in which the eight 16-bit halves of a draw
@@ -71,7 +77,7 @@ def _keep(seed, rows, col0, n_cols, threshold, BLOCK_M: tl.constexpr, BLOCK_K: t
     """
     groups = (n_cols + 7) // 8
     counters = rows[:, None] * groups + (col0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counters.to(tl.int32))
+    w0, w1, w2, w3 = tl.randint4x(seed, counters.to(tl.int32), ROUNDS)
     words = tl.join(tl.join(_halves(w0), _halves(w1)), tl.join(_halves(w2), _halves(w3)))
     return tl.reshape(words, (BLOCK_M, BLOCK_K)).to(tl.int32) >= threshold
 
