@@ -56,15 +56,17 @@ def test_embedded_default_qlora_trains_and_saves(tmp_path):
 
 def test_the_p_recipe_as_shipped_trains_under_checkpointing(tmp_path):
     """``accelerated-peft-bnb-foak`` as the P benchmark runs it (checkpointing, the trainer logging every 10 steps, a
-    progress line every step): offloaded MLP activations, kernel-drawn dropout, the loss filter on the device."""
+    progress line every step): offloaded MLP activations (at this run's few tokens too), kernel-drawn dropout, the loss
+    filter on the device."""
     out = cli("run", "--recipe", "accelerated-peft-bnb-foak", "--output-dir", str(tmp_path), "--set", "max_steps=3",
+              "--set", "plugins.peft.quantization.fused_ops_and_kernels.offload_min_tokens=1",
               "--set", "save_strategy=no", "--set", "gradient_checkpointing=true", "--set", "logging_steps=10",
               "--set", "progress_steps=1", "--set", "per_device_train_batch_size=2", "--set", "max_seq_length=64")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     losses = _metrics(tmp_path)["losses"]
     assert len(losses) == 3 and all(0 < v < 20 for v in losses), losses
     assert "trainer NaN/Inf loss filter -> on the device" in out.stdout
-    assert "offloaded to host memory for the recompute" in out.stdout
+    assert "offloaded to host memory for the recompute (of 3 eligible; steps of 1+ tokens)" in out.stdout
     progress = [json.loads(line.split("FMSACCEL_PROGRESS")[1]) for line in out.stdout.splitlines()
                 if "FMSACCEL_PROGRESS" in line]
     assert [p["step"] for p in progress] == [1, 2, 3]

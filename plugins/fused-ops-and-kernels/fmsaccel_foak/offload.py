@@ -10,6 +10,11 @@ time instead, which the GPU's compute hides.
 Only for layers whose gate/up op saves nothing (no LoRA on gate/up, dequantised weights not
 kept), so the recompute saves the same tensors whether or not it runs that op; the copies
 are exact. Without CUDA (the tests) the "host" copies are plain clones.
+
+Steps of fewer than ``min_tokens`` tokens are not offloaded: they are paced by the host, where
+the gate/up rerun is GPU time the host's launches hide anyway and the copies are host work
+added. Pinned buffers grow to the next power of two of a step's tokens: pinning takes
+seconds at this size (R's first 6,760-token step after 3,480 stalled 6-8 s in s20c2).
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ def _outside_dispatch_modes(method):
 class Offloaded:
     """One MLP's gate/up copies for the current step."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, min_tokens: int = 0):
         self.index = index
+        self.min_tokens = min_tokens
         self.host: tuple[torch.Tensor, torch.Tensor] | None = None  # views of ``pinned`` for this step
         self.pinned: torch.Tensor | None = None
         self.on_device: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -55,13 +61,18 @@ class Offloaded:
         if self.on_device is not None and self.copied is not None:  # brought back but never taken: let the copy
             _compute_stream_waits_for(self.copied)  # land before its buffers can be reused
         self.on_device = None
+        tokens = gate.numel() // max(gate.shape[-1], 1)
+        if tokens < self.min_tokens:  # a short step: its recompute runs gate/up as usual
+            self.saved = False
+            return
         if not gate.is_cuda:
             self.host, self.saved = (gate.detach().clone(), up.detach().clone()), True
             return
         if self.pinned is None or self.pinned.numel() < 2 * gate.numel() or self.pinned.dtype != gate.dtype:
-            self.pinned = None  # grown to the largest step seen: steps of other lengths reuse it (no new pinning)
+            self.pinned = None  # grown past the largest step seen: steps of other lengths reuse it (no new pinning)
             try:
-                self.pinned = torch.empty(2 * gate.numel(), dtype=gate.dtype, pin_memory=True)
+                size = 2 * pinned_tokens(tokens) * gate.shape[-1]  # gate and up, of one shape
+                self.pinned = torch.empty(size, dtype=gate.dtype, pin_memory=True)
             except RuntimeError as err:  # pinned host memory exhausted: this layer recomputes as usual
                 self.saved = False
                 logger.warning("fmsaccel_foak: offload_mlp_activations: no pinned host memory for layer %d's "
@@ -111,6 +122,11 @@ class Offloaded:
         return taken
 
 
+def pinned_tokens(tokens: int) -> int:
+    """Tokens a pinned buffer is sized for: the next power of two, so a run's growing steps re-pin a few times."""
+    return 1 << max(tokens - 1, 0).bit_length()
+
+
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 # (copy done, layer index, gate, up) of the copies to the host not yet waited for. The tensors are held here, not
 # handed to the allocator with record_stream: the host runs far ahead of the GPU, and every layer it queued would
@@ -152,14 +168,14 @@ def _side_stream(device: torch.device):
     return _streams[device]
 
 
-def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
+def offload_layers(mlps: list[nn.Module | None], count: int, min_tokens: int = 0) -> list[int]:
     """Give ``count`` of ``mlps`` an :class:`Offloaded`, evenly spread from the first layer up (the lower a layer,
     the later its backward: more time for its copies), the top eligible layer last of all: its recompute is the
     backward's first, with no recompute above it to start bringing its copies back (s18c2: a 17 ms stall a step).
 
     ``mlps``: every decoder layer's MLP, bottom up, None where it cannot be offloaded (not checkpointed, or its
     gate/up op saves something). Every MLP learns the nearest offloaded MLP below it, whose copies its recompute
-    starts bringing back. Returns the chosen layer indices.
+    starts bringing back. Steps of fewer than ``min_tokens`` tokens offload nothing. Returns the chosen layer indices.
     """
     eligible = [index for index, mlp in enumerate(mlps) if mlp is not None]
     count = min(count, len(eligible))
@@ -170,5 +186,5 @@ def offload_layers(mlps: list[nn.Module | None], count: int) -> list[int]:
             continue
         mlp._foak_offload_below = below
         if index in chosen:
-            mlp._foak_offload = below = Offloaded(index)
+            mlp._foak_offload = below = Offloaded(index, min_tokens)
     return chosen

@@ -196,9 +196,10 @@ class FusedOpsPlugin(AccelerationPlugin):
         if not any(mlps):
             raise PluginError("offload_mlp_activations: no checkpointed layer has a fused MLP without LoRA on gate/up "
                               "(the recompute must save the same tensors with or without their matmuls)")
-        chosen = offload_layers(mlps, self.keys["offload_mlp_activations"])
+        chosen = offload_layers(mlps, self.keys["offload_mlp_activations"], self.keys["offload_min_tokens"])
         ctx.report.add(self.name, f"gradient checkpointing -> MLP gate/up of {len(chosen)} layers offloaded to host "
-                                  f"memory for the recompute (of {sum(m is not None for m in mlps)} eligible)", 1)
+                                  f"memory for the recompute (of {sum(m is not None for m in mlps)} eligible; "
+                                  f"steps of {self.keys['offload_min_tokens']}+ tokens)", 1)
 
     def _budget_checkpointing(self, base, ctx: TrainContext) -> None:
         from fmsaccel_framework.compiling import decoder_layers

@@ -37,6 +37,9 @@ _KEYS = {
                                          help="under gradient checkpointing, N layers' MLP gate/up outputs are copied "
                                               "to host memory in the forward and back for the recompute, which then "
                                               "skips their matmuls (PCIe time instead of GPU time)"),
+    "offload_min_tokens": ConfigKey(int, default=8192,
+                                    help="steps of fewer tokens offload nothing (host-paced: the rerun is hidden, "
+                                         "and a longer step than any before re-pins host buffers, seconds)"),
     "uncheckpointed_layers": ConfigKey(int, default=0,
                                        help="under gradient checkpointing, the last N decoder layers are never "
                                             "checkpointed; the last one costs about no peak memory (its activations "

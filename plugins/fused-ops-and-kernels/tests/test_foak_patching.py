@@ -275,9 +275,9 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, select
     """
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["down_proj"] if base_layer is None else [])
     model, want, (ids, labels), ctx = _checkpointed(base_layer, targets, SAME_STREAM_DROPOUT, offload_mlp_activations=1,
-                                                    selective_checkpointing=selective)
-    assert "MLP gate/up of 1 layers offloaded to host memory for the recompute (of 2 eligible)" in "\n".join(
-        ctx.report.lines())
+                                                    offload_min_tokens=1, selective_checkpointing=selective)
+    assert ("MLP gate/up of 1 layers offloaded to host memory for the recompute (of 2 eligible; steps of 1+ tokens)"
+            in "\n".join(ctx.report.lines()))
     calls.clear()
     for _ in range(2):  # the copies are taken once per step
         calls.clear()
@@ -289,6 +289,27 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, select
     assert not mlps[0]._foak_offload.saved  # taken by the backward
 
 
+
+def test_steps_below_offload_min_tokens_recompute_gate_up(calls):
+    """A step shorter than ``offload_min_tokens`` copies nothing: every layer's recompute reruns its gate/up op, with
+    the unpatched model's loss and gradients; a step at the threshold offloads again."""
+    targets, tokens = ["q_proj", "k_proj", "v_proj", "o_proj"], _batch()[0].numel()
+    model, want, (ids, labels), _ = _checkpointed("bitsandbytes", targets, SAME_STREAM_DROPOUT,
+                                                  offload_mlp_activations=1, offload_min_tokens=tokens + 1)
+    offloaded = model.get_base_model().model.layers[0].mlp._foak_offload
+    calls.clear()
+    _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5 if DEVICE == "cpu" else 1e-4)
+    assert calls["fused_lora"] == 8 + 3 + 3 and offloaded.host is None
+    offloaded.min_tokens = tokens
+    calls.clear()
+    _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5 if DEVICE == "cpu" else 1e-4)
+    assert calls["fused_lora"] == 8 + 3 + 2 and offloaded.host is not None
+
+
+def test_pinned_buffers_grow_to_a_power_of_two_of_tokens():
+    from fmsaccel_foak.offload import pinned_tokens
+
+    assert [pinned_tokens(n) for n in (1, 2, 3, 3480, 4096, 4097, 6760)] == [1, 2, 4, 4096, 4096, 8192, 8192]
 
 
 @pytest.mark.parametrize("base_layer,selective", [(None, False), ("bitsandbytes", False), ("bitsandbytes", 1)])
