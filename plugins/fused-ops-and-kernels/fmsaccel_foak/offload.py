@@ -13,8 +13,9 @@ are exact. Without CUDA (the tests) the "host" copies are plain clones.
 
 Steps of fewer than ``min_tokens`` tokens are not offloaded: they are paced by the host, where
 the gate/up rerun is GPU time the host's launches hide anyway and the copies are host work
-added. Pinned buffers grow to the next power of two of a step's tokens: pinning takes
-seconds at this size (R's first 6,760-token step after 3,480 stalled 6-8 s in s20c2).
+added. Pinning takes seconds at this size (R's first 6,760-token step after 3,480 stalled
+6-8 s in s20c2), so the first step pins for the longest step the batch size and sequence
+length allow, and a longer one (beyond them) grows the buffer to a power of two of its tokens.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def _outside_dispatch_modes(method):
 class Offloaded:
     """One MLP's gate/up copies for the current step."""
 
-    def __init__(self, index: int, min_tokens: int = 0):
+    def __init__(self, index: int, min_tokens: int = 0, reserve_tokens: int = 0):
         self.index = index
         self.min_tokens = min_tokens
+        self.reserve_tokens = reserve_tokens  # the first buffer's size: the longest step the run can have
         self.host: tuple[torch.Tensor, torch.Tensor] | None = None  # views of ``pinned`` for this step
         self.pinned: torch.Tensor | None = None
         self.on_device: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -71,7 +73,7 @@ class Offloaded:
         if self.pinned is None or self.pinned.numel() < 2 * gate.numel() or self.pinned.dtype != gate.dtype:
             self.pinned = None  # grown past the largest step seen: steps of other lengths reuse it (no new pinning)
             try:
-                size = 2 * pinned_tokens(tokens) * gate.shape[-1]  # gate and up, of one shape
+                size = 2 * pinned_tokens(max(tokens, self.reserve_tokens)) * gate.shape[-1]  # gate and up
                 self.pinned = torch.empty(size, dtype=gate.dtype, pin_memory=True)
             except RuntimeError as err:  # pinned host memory exhausted: this layer recomputes as usual
                 self.saved = False
@@ -168,14 +170,16 @@ def _side_stream(device: torch.device):
     return _streams[device]
 
 
-def offload_layers(mlps: list[nn.Module | None], count: int, min_tokens: int = 0) -> list[int]:
+def offload_layers(mlps: list[nn.Module | None], count: int, min_tokens: int = 0,
+                   reserve_tokens: int = 0) -> list[int]:
     """Give ``count`` of ``mlps`` an :class:`Offloaded`, evenly spread from the first layer up (the lower a layer,
     the later its backward: more time for its copies), the top eligible layer last of all: its recompute is the
     backward's first, with no recompute above it to start bringing its copies back (s18c2: a 17 ms stall a step).
 
     ``mlps``: every decoder layer's MLP, bottom up, None where it cannot be offloaded (not checkpointed, or its
     gate/up op saves something). Every MLP learns the nearest offloaded MLP below it, whose copies its recompute
-    starts bringing back. Steps of fewer than ``min_tokens`` tokens offload nothing. Returns the chosen layer indices.
+    starts bringing back. Steps of fewer than ``min_tokens`` tokens offload nothing; the first pins host buffers for
+    ``reserve_tokens`` (the longest step expected). Returns the chosen layer indices.
     """
     eligible = [index for index, mlp in enumerate(mlps) if mlp is not None]
     count = min(count, len(eligible))
@@ -186,5 +190,5 @@ def offload_layers(mlps: list[nn.Module | None], count: int, min_tokens: int = 0
             continue
         mlp._foak_offload_below = below
         if index in chosen:
-            mlp._foak_offload = below = Offloaded(index, min_tokens)
+            mlp._foak_offload = below = Offloaded(index, min_tokens, reserve_tokens)
     return chosen

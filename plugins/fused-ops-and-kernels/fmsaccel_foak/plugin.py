@@ -196,7 +196,8 @@ class FusedOpsPlugin(AccelerationPlugin):
         if not any(mlps):
             raise PluginError("offload_mlp_activations: no checkpointed layer has a fused MLP without LoRA on gate/up "
                               "(the recompute must save the same tensors with or without their matmuls)")
-        chosen = offload_layers(mlps, self.keys["offload_mlp_activations"], self.keys["offload_min_tokens"])
+        longest = int(ctx.args.get("per_device_train_batch_size") or 0) * int(ctx.args.get("max_seq_length") or 0)
+        chosen = offload_layers(mlps, self.keys["offload_mlp_activations"], self.keys["offload_min_tokens"], longest)
         ctx.report.add(self.name, f"gradient checkpointing -> MLP gate/up of {len(chosen)} layers offloaded to host "
                                   f"memory for the recompute (of {sum(m is not None for m in mlps)} eligible; "
                                   f"steps of {self.keys['offload_min_tokens']}+ tokens)", 1)
