@@ -211,13 +211,13 @@ def test_the_fused_loss_makes_the_host_wait_for_nothing(fused_lm_head):
         out.loss.backward()
     assert seen.ops and not seen.ops & set(HOST_WAITS), sorted(seen.ops & set(HOST_WAITS))
 
-def _checkpointed(base_layer, targets, dropout: float = 0.1, **keys):
+def _checkpointed(base_layer, targets, dropout: float = 0.1, args: dict | None = None, **keys):
     """(the patched model under non-reentrant checkpointing, the unpatched model's loss and gradients, the batch,
-    the context), for the checkpointing tests."""
+    the context), for the checkpointing tests; ``args`` adds training arguments."""
     model = _lora(quantize_decoder(tiny_model("llama"), base_layer), targets, dropout)
     ids, labels = _batch()
     want = _step(model, input_ids=ids, labels=labels)
-    ctx = TrainContext(args={"gradient_checkpointing": True})
+    ctx = TrainContext(args={"gradient_checkpointing": True, **(args or {})})
     plugin = build(base_layer=base_layer, fused_lora=True, **keys, **ALL_KERNELS)
     model = plugin.augment(model, ctx)
     plugin.prepare_trainer(type("Trainer", (), {"model": model})(), ctx)
@@ -292,11 +292,14 @@ def test_offloaded_mlp_activations_skip_the_gate_up_recompute(base_layer, select
 
 def test_steps_below_offload_min_tokens_recompute_gate_up(calls):
     """A step shorter than ``offload_min_tokens`` copies nothing: every layer's recompute reruns its gate/up op, with
-    the unpatched model's loss and gradients; a step at the threshold offloads again."""
+    the unpatched model's loss and gradients; a step at the threshold offloads again. Host buffers are sized for the
+    longest step the batch size and sequence length allow."""
     targets, tokens = ["q_proj", "k_proj", "v_proj", "o_proj"], _batch()[0].numel()
     model, want, (ids, labels), _ = _checkpointed("bitsandbytes", targets, SAME_STREAM_DROPOUT,
+                                                  {"per_device_train_batch_size": 3, "max_seq_length": 40},
                                                   offload_mlp_activations=1, offload_min_tokens=tokens + 1)
     offloaded = model.get_base_model().model.layers[0].mlp._foak_offload
+    assert offloaded.reserve_tokens == 120
     calls.clear()
     _assert_same(_step(model, input_ids=ids, labels=labels), want, atol=2e-5 if DEVICE == "cpu" else 1e-4)
     assert calls["fused_lora"] == 8 + 3 + 3 and offloaded.host is None

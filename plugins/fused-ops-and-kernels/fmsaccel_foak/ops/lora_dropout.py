@@ -273,10 +273,11 @@ def _rank_block(rank: int) -> int:
 # BLOCK_K must be a multiple of 8 (one Philox draw covers eight columns)
 # (s15c2's sweep, H200, workload P; timed from CUDA graphs in s15c4: 0.073 / 0.085 / 0.091 ms, none of the others
 # more than 8 % faster)
-GPU_TILES = {"down": (64, 128, 8), "weight_grad": (128, 64, 4), "input_grad": (32, 128, 4),
-             # the multi kernels: not timed yet; tiles that ptxas (sm_90) fits without spilling at three projections
-             # (the single kernels' down and weight-gradient tiles spill there: three masks and accumulators)
-             "down_multi": (64, 64, 8), "weight_grad_multi": (64, 64, 8), "input_grad_multi": (32, 128, 8)}
+# the fastest of benchmarks/gpu/lora_dropout_kernels.py's sweep on an H200 at [16384, 4096], r=16 (s20c1; the multi
+# kernels at three projections): ms before -> after, down 0.064 -> 0.058, weight_grad 0.076 -> 0.066, down_multi
+# 0.158 -> 0.152, weight_grad_multi 0.222 -> 0.163, input_grad_multi 0.270 -> 0.219
+GPU_TILES = {"down": (32, 128, 4), "weight_grad": (64, 64, 4), "input_grad": (32, 128, 4),
+             "down_multi": (64, 128, 4), "weight_grad_multi": (32, 64, 4), "input_grad_multi": (32, 128, 4)}
 INTERPRETER_TILES = (32, 64, 4)  # few programs: each costs milliseconds of Python
 
 
