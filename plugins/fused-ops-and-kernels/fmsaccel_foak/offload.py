@@ -72,9 +72,9 @@ class Offloaded:
             return
         if self.pinned is None or self.pinned.numel() < 2 * gate.numel() or self.pinned.dtype != gate.dtype:
             self.pinned = None  # grown past the largest step seen: steps of other lengths reuse it (no new pinning)
-            try:
-                size = 2 * pinned_tokens(max(tokens, self.reserve_tokens)) * gate.shape[-1]  # gate and up
-                self.pinned = torch.empty(size, dtype=gate.dtype, pin_memory=True)
+            try:  # for the longest step expected, else (host memory short) for this one
+                self.pinned = pin_buffer([2 * pinned_tokens(t) * gate.shape[-1]  # gate and up, of one shape
+                                          for t in (max(tokens, self.reserve_tokens), tokens)], gate.dtype)
             except RuntimeError as err:  # pinned host memory exhausted: this layer recomputes as usual
                 self.saved = False
                 logger.warning("fmsaccel_foak: offload_mlp_activations: no pinned host memory for layer %d's "
@@ -122,6 +122,17 @@ class Offloaded:
             _compute_stream_waits_for(self.copied)
         taken, self.on_device, self.saved = self.on_device, None, False
         return taken
+
+
+def pin_buffer(numels: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A pinned host buffer of the first of ``numels`` that can be pinned; the last error if none can."""
+    error = None
+    for numel in dict.fromkeys(numels):
+        try:
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError as err:
+            error = err
+    raise error
 
 
 def pinned_tokens(tokens: int) -> int:

@@ -315,6 +315,25 @@ def test_pinned_buffers_grow_to_a_power_of_two_of_tokens():
     assert [pinned_tokens(n) for n in (1, 2, 3, 3480, 4096, 4097, 6760)] == [1, 2, 4, 4096, 4096, 8192, 8192]
 
 
+def test_a_buffer_too_large_to_pin_falls_back_to_the_steps_own_size(monkeypatch):
+    from fmsaccel_foak import offload
+
+    tried = []
+
+    def empty(numel, dtype, pin_memory):
+        tried.append(numel)
+        if numel > 100:
+            raise RuntimeError("out of pinned memory")
+        return torch.zeros(numel, dtype=dtype)
+
+    monkeypatch.setattr(offload.torch, "empty", empty)
+    assert offload.pin_buffer([400, 80], torch.bfloat16).numel() == 80 and tried == [400, 80]
+    tried.clear()
+    with pytest.raises(RuntimeError, match="out of pinned memory"):
+        offload.pin_buffer([400, 400], torch.bfloat16)  # one try for a size given twice
+    assert tried == [400]
+
+
 @pytest.mark.parametrize("base_layer,selective", [(None, False), ("bitsandbytes", False), ("bitsandbytes", 1)])
 def test_the_recompute_reuses_the_forwards_dropped_down_products(base_layer, selective, monkeypatch):
     """``dropout_in_kernel`` under checkpointing: the forward keeps each projection's ``(x * keep) @ A^T`` for the
