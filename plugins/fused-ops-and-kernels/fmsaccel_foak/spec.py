@@ -38,8 +38,8 @@ _KEYS = {
                                               "to host memory in the forward and back for the recompute, which then "
                                               "skips their matmuls (PCIe time instead of GPU time)"),
     "offload_min_tokens": ConfigKey(int, default=8192,
-                                    help="steps of fewer tokens offload nothing (host-paced: the rerun is hidden, "
-                                         "and a longer step than any before re-pins host buffers, seconds)"),
+                                    help="steps of fewer tokens offload nothing: they are paced by the host, "
+                                         "where the copies cost more than the rerun they save"),
     "uncheckpointed_layers": ConfigKey(int, default=0,
                                        help="under gradient checkpointing, the last N decoder layers are never "
                                             "checkpointed; the last one costs about no peak memory (its activations "

@@ -270,9 +270,7 @@ def _rank_block(rank: int) -> int:
 
 
 # (BLOCK_M, BLOCK_K, num_warps) of each kernel on a GPU (benchmarks/gpu/lora_dropout_kernels.py sweeps them);
-# BLOCK_K must be a multiple of 8 (one Philox draw covers eight columns)
-# (s15c2's sweep, H200, workload P; timed from CUDA graphs in s15c4: 0.073 / 0.085 / 0.091 ms, none of the others
-# more than 8 % faster)
+# BLOCK_K must be a multiple of 8 (one Philox draw covers eight columns);
 # the fastest of benchmarks/gpu/lora_dropout_kernels.py's sweep on an H200 at [16384, 4096], r=16 (s20c1; the multi
 # kernels at three projections): ms before -> after, down 0.064 -> 0.058, weight_grad 0.076 -> 0.066, down_multi
 # 0.158 -> 0.152, weight_grad_multi 0.222 -> 0.163, input_grad_multi 0.270 -> 0.219
